@@ -1,0 +1,672 @@
+"""
+DeepSeek-V3 in one file, at a size one GPU trains.
+
+The parts, in the order a token meets them (arXiv 2412.19437):
+  1) Multi-head latent attention (MLA): keys and values are rebuilt from a small shared latent,
+     plus one rotary key shared by all heads ("decoupled RoPE"). At inference only the latent
+     and the rotary key are cached, and the key/value up-projections are absorbed into the
+     query and the output ("absorb" mode).
+  2) DeepSeekMoE: always-on shared experts plus many fine-grained routed experts, sigmoid
+     affinities, group-limited top-k routing, and auxiliary-loss-free load balancing through a
+     per-expert bias that only steers *selection*.
+  3) Multi-token prediction (MTP): small sequential modules that predict tokens t+2, t+3, ...
+     with the shared embedding and output head; a training signal and a draft model for
+     speculative decoding.
+Names follow nanoGPT for the common knobs and DeepSeek's released inference/model.py for theirs.
+"""
+
+import math
+from dataclasses import dataclass, fields
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+@dataclass
+class ModelArgs:
+    # --- the usual GPT knobs (nanoGPT's names) ---
+    block_size: int = 512           # longest sequence the model sees (RoPE tables are this long)
+    vocab_size: int = 50304         # GPT-2's 50257 padded up to a multiple of 64 for fast matmuls
+    n_layer: int = 8                # transformer blocks in the main model
+    n_head: int = 8                 # attention heads
+    n_embd: int = 512               # model width d
+    dropout: float = 0.0            # residual and attention dropout (training only)
+    tie_embeddings: bool = False    # share the token embedding with the output head (DeepSeek: no)
+    # --- multi-head latent attention ---
+    q_lora_rank: int = 192          # query latent width; 0 = plain d -> n_head*qk_head_dim projection
+    kv_lora_rank: int = 128         # key/value latent width: what the inference cache stores
+    qk_nope_head_dim: int = 64      # per-head query/key dims that carry content (no position)
+    qk_rope_head_dim: int = 32      # per-head query dims with RoPE; the key's are shared by all heads
+    v_head_dim: int = 64            # per-head value dims (may differ from the q/k head dim)
+    # --- feed-forward: dense layers first, DeepSeekMoE after ---
+    inter_dim: int = 1408           # hidden width of the dense SwiGLU MLP
+    n_dense_layers: int = 1         # the first n_dense_layers blocks use the dense MLP
+    moe_inter_dim: int = 352        # hidden width of each (fine-grained) expert
+    n_routed_experts: int = 16      # routed experts per MoE layer; 0 = a dense model ("dense twin")
+    n_shared_experts: int = 1       # always-on experts (run as one MLP of n_shared*moe_inter_dim)
+    n_activated_experts: int = 4    # routed experts per token (top-k)
+    n_expert_groups: int = 1        # experts are split into this many groups ...
+    n_limited_groups: int = 1       # ... and a token may only use this many of them
+    score_func: str = "sigmoid"     # expert affinity: 'sigmoid' (V3) or 'softmax' (V2)
+    route_scale: float = 1.0        # the gate weights (summing to 1) are multiplied by this
+    # --- auxiliary-loss-free balancing and the small sequence-wise balance loss ---
+    bias_update_speed: float = 1e-3  # gamma: b_i += gamma * sign(mean_load - load_i) per step
+    seq_aux_alpha: float = 1e-4     # weight of the sequence-wise balance loss; 0 turns it off
+    noisy_topk: bool = False        # add Gaussian noise to the selection scores in training
+    noise_std: float = 0.01         # its standard deviation (the scores live in (0, 1))
+    # --- multi-token prediction ---
+    mtp_depth: int = 1              # sequential MTP modules; 0 turns MTP off
+    mtp_lambda: float = 0.3         # loss = main CE + mtp_lambda * mean(MTP CEs)
+    # --- rotary embeddings and YaRN ---
+    rope_theta: float = 10000.0     # RoPE base
+    rope_factor: float = 1.0        # YaRN context-extension factor; > 1 turns YaRN on
+    original_seq_len: int = 512     # context length the model was trained at before extension
+    beta_fast: int = 32             # YaRN: rotations above which dims are left alone ...
+    beta_slow: int = 1              # ... and below which they are fully interpolated
+    mscale: float = 1.0             # YaRN: softmax scale *= (0.1 * mscale * ln(factor) + 1)^2
+    norm_eps: float = 1e-6          # RMSNorm epsilon (DeepSeek's value)
+    # --- implementation choices (not architecture) ---
+    moe_impl: str = "auto"          # 'grouped' (torch._grouped_mm), 'dense' (every expert on every
+                                    # token, masked: compiles anywhere), 'loop' (reference), 'auto'
+
+    def __post_init__(self):
+        def bad(name, rule):
+            raise ValueError(f"ModelArgs.{name}={getattr(self, name)!r}: {rule}")
+        for name in ("block_size", "vocab_size", "n_layer", "n_head", "n_embd", "kv_lora_rank",
+                     "qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim", "original_seq_len"):
+            if not isinstance(getattr(self, name), int) or getattr(self, name) <= 0:
+                bad(name, "must be a positive integer")
+        for name in ("q_lora_rank", "n_dense_layers", "n_routed_experts", "n_shared_experts",
+                     "mtp_depth", "inter_dim", "moe_inter_dim"):
+            if not isinstance(getattr(self, name), int) or getattr(self, name) < 0:
+                bad(name, "must be a non-negative integer")
+        if self.qk_rope_head_dim % 2:
+            bad("qk_rope_head_dim", "must be even (RoPE rotates pairs of dims)")
+        if not 0.0 <= self.dropout < 1.0:
+            bad("dropout", "must be in [0, 1)")
+        if self.score_func not in ("sigmoid", "softmax"):
+            bad("score_func", "must be 'sigmoid' or 'softmax'")
+        if self.moe_impl not in ("auto", "grouped", "dense", "loop"):
+            bad("moe_impl", "must be 'auto', 'grouped', 'dense' or 'loop'")
+        if self.rope_theta <= 0 or self.rope_factor < 1.0:
+            bad("rope_factor" if self.rope_theta > 0 else "rope_theta",
+                "rope_theta must be > 0 and rope_factor >= 1")
+        if self.n_dense_layers > self.n_layer:
+            bad("n_dense_layers", f"cannot exceed n_layer={self.n_layer}")
+        if self.n_dense_layers > 0 or self.n_routed_experts == 0:
+            if self.inter_dim <= 0:
+                bad("inter_dim", "must be positive when there are dense layers")
+        if self.n_routed_experts > 0:
+            if self.moe_inter_dim <= 0:
+                bad("moe_inter_dim", "must be positive when there are routed experts")
+            if not 1 <= self.n_activated_experts <= self.n_routed_experts:
+                bad("n_activated_experts", f"must be in [1, n_routed_experts={self.n_routed_experts}]")
+            if self.n_expert_groups < 1 or self.n_routed_experts % self.n_expert_groups:
+                bad("n_expert_groups", f"must divide n_routed_experts={self.n_routed_experts}")
+            per_group = self.n_routed_experts // self.n_expert_groups
+            if self.n_expert_groups > 1 and per_group < 2:
+                bad("n_expert_groups", "each group needs >= 2 experts (groups are ranked by their top-2 sum)")
+            if not 1 <= self.n_limited_groups <= self.n_expert_groups:
+                bad("n_limited_groups", f"must be in [1, n_expert_groups={self.n_expert_groups}]")
+            if self.n_limited_groups * per_group < self.n_activated_experts:
+                bad("n_limited_groups", f"{self.n_limited_groups} groups of {per_group} experts hold fewer "
+                    f"than n_activated_experts={self.n_activated_experts}")
+        if self.route_scale <= 0 or self.bias_update_speed < 0 or self.seq_aux_alpha < 0:
+            bad("route_scale", "route_scale must be > 0; bias_update_speed, seq_aux_alpha >= 0")
+        if self.mtp_lambda < 0 or self.noise_std < 0:
+            bad("mtp_lambda", "mtp_lambda and noise_std must be >= 0")
+
+    @property
+    def qk_head_dim(self):
+        return self.qk_nope_head_dim + self.qk_rope_head_dim
+
+    def is_moe_layer(self, layer_id):
+        return self.n_routed_experts > 0 and layer_id >= self.n_dense_layers
+
+    @classmethod
+    def from_dict(cls, d):
+        """Build from a dict, ignoring keys that are not fields (e.g. a train.py config)."""
+        names = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in names})
+
+
+# -----------------------------------------------------------------------------
+# small pieces
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim, eps=1e-6):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x):
+        # normalise in fp32 (bf16 sums of squares lose bits), scale in the input dtype, as in the reference
+        xf = x.float()
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * xf.type_as(x)
+
+
+def rope_tables(args: ModelArgs):
+    """cos/sin tables (block_size, qk_rope_head_dim // 2), with YaRN when rope_factor > 1."""
+    d, base = args.qk_rope_head_dim, args.rope_theta
+    # theta_i = base^(-2i/d): the parentheses matter, base ** (arange / d), not (base ** arange) / d
+    inv_freq = 1.0 / (base ** (torch.arange(0, d, 2, dtype=torch.float32) / d))
+    if args.rope_factor > 1.0:
+        # YaRN: dims that turn many times within the original context keep their frequency,
+        # dims that turn less than once are interpolated by the factor, a linear ramp in between.
+        def dim_of(n_rot):  # the dim whose wavelength fits n_rot times in original_seq_len
+            return d * math.log(args.original_seq_len / (n_rot * 2 * math.pi)) / (2 * math.log(base))
+        low = max(math.floor(dim_of(args.beta_fast)), 0)
+        high = min(math.ceil(dim_of(args.beta_slow)), d - 1)
+        ramp = ((torch.arange(d // 2, dtype=torch.float32) - low) / max(high - low, 1e-3)).clamp(0, 1)
+        keep = 1 - ramp  # 1: extrapolate (keep the frequency), 0: interpolate
+        inv_freq = inv_freq / args.rope_factor * (1 - keep) + inv_freq * keep
+    angles = torch.outer(torch.arange(args.block_size, dtype=torch.float32), inv_freq)
+    return angles.cos(), angles.sin()
+
+
+def apply_rope(x, cos, sin):
+    """Rotate adjacent pairs (x0, x1), (x2, x3), ... as complex numbers: DeepSeek's layout.
+    x: (..., T, n, d) with cos/sin (T, d/2) broadcast over the n axis."""
+    xf = x.float().unflatten(-1, (-1, 2))
+    x0, x1 = xf[..., 0], xf[..., 1]
+    cos, sin = cos[:, None, :], sin[:, None, :]
+    out = torch.stack((x0 * cos - x1 * sin, x0 * sin + x1 * cos), dim=-1)
+    return out.flatten(-2).type_as(x)
+
+
+class MLP(nn.Module):
+    """SwiGLU feed-forward: w2(silu(w1 x) * w3 x). Also a shared expert (or several, fused)."""
+
+    def __init__(self, dim, hidden):
+        super().__init__()
+        self.w1 = nn.Linear(dim, hidden, bias=False)
+        self.w3 = nn.Linear(dim, hidden, bias=False)
+        self.w2 = nn.Linear(hidden, dim, bias=False)
+
+    def forward(self, x):
+        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+
+
+# -----------------------------------------------------------------------------
+# multi-head latent attention
+
+class MLA(nn.Module):
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.args = args
+        H, d = args.n_head, args.n_embd
+        self.n_head, self.dn, self.dr, self.dv = H, args.qk_nope_head_dim, args.qk_rope_head_dim, args.v_head_dim
+        self.rank = args.kv_lora_rank
+        if args.q_lora_rank == 0:
+            self.wq = nn.Linear(d, H * args.qk_head_dim, bias=False)
+        else:
+            self.wq_a = nn.Linear(d, args.q_lora_rank, bias=False)
+            self.q_norm = RMSNorm(args.q_lora_rank, args.norm_eps)
+            self.wq_b = nn.Linear(args.q_lora_rank, H * args.qk_head_dim, bias=False)
+        # one projection gives the kv latent AND the single rotary key shared by all heads
+        self.wkv_a = nn.Linear(d, self.rank + self.dr, bias=False)
+        self.kv_norm = RMSNorm(self.rank, args.norm_eps)
+        # latent -> per-head content keys and values
+        self.wkv_b = nn.Linear(self.rank, H * (self.dn + self.dv), bias=False)
+        self.wo = nn.Linear(H * self.dv, d, bias=False)
+        self.scale = args.qk_head_dim ** -0.5
+        if args.rope_factor > 1.0:  # YaRN's attention temperature, applied to the softmax scale
+            m = 0.1 * args.mscale * math.log(args.rope_factor) + 1.0
+            self.scale *= m * m
+        self.dropout = args.dropout
+
+    def queries(self, x):
+        B, T, _ = x.shape
+        q = self.wq(x) if self.args.q_lora_rank == 0 else self.wq_b(self.q_norm(self.wq_a(x)))
+        return q.view(B, T, self.n_head, self.dn + self.dr).split([self.dn, self.dr], dim=-1)
+
+    def latents(self, x, cos, sin):
+        """The two things a token leaves behind for later tokens: the normalised kv latent
+        (B, T, rank) and the rotated shared key (B, T, dr)."""
+        kv, k_pe = self.wkv_a(x).split([self.rank, self.dr], dim=-1)
+        return self.kv_norm(kv), apply_rope(k_pe.unsqueeze(2), cos, sin).squeeze(2)
+
+    def forward(self, x, cos, sin, cache=None, start_pos=0):
+        B, T, _ = x.shape
+        q_nope, q_pe = self.queries(x)
+        q_pe = apply_rope(q_pe, cos, sin)
+        kv, k_pe = self.latents(x, cos, sin)
+        if cache is None:
+            # Training: expand the latent to every head's keys and values (each head reads the
+            # WHOLE latent through its own slice of wkv_b) and use the fused causal attention.
+            kvh = self.wkv_b(kv).view(B, T, self.n_head, self.dn + self.dv)
+            k_nope, v = kvh.split([self.dn, self.dv], dim=-1)
+            q = torch.cat([q_nope, q_pe], dim=-1).transpose(1, 2)              # (B, H, T, dn+dr)
+            k = torch.cat([k_nope, k_pe.unsqueeze(2).expand(-1, -1, self.n_head, -1)], dim=-1).transpose(1, 2)
+            y = F.scaled_dot_product_attention(q, k, v.transpose(1, 2), is_causal=True, scale=self.scale,
+                                               dropout_p=self.dropout if self.training else 0.0)
+            return self.wo(y.transpose(1, 2).reshape(B, T, -1))
+        # Inference with the compressed cache ("absorb" mode): never expand the cached latents.
+        # score = q_nope . (W_uk c) + q_pe . k_pe = (W_uk^T q_nope) . c + q_pe . k_pe, so fold W_uk
+        # into the query; likewise the values: out = W_uv (sum_s p_s c_s), fold W_uv into the output.
+        kv_cache, pe_cache = cache
+        end = start_pos + T
+        kv_cache[:B, start_pos:end] = kv.to(kv_cache.dtype)
+        pe_cache[:B, start_pos:end] = k_pe.to(pe_cache.dtype)
+        w = self.wkv_b.weight.view(self.n_head, self.dn + self.dv, self.rank)
+        w_uk, w_uv = w[:, :self.dn], w[:, self.dn:]
+        q_lat = torch.einsum("bthd,hdc->bhtc", q_nope, w_uk)                    # (B, H, T, rank)
+        q_all = torch.cat([q_lat, q_pe.transpose(1, 2)], dim=-1)               # (B, H, T, rank+dr)
+        k_all = torch.cat([kv_cache[:B, :end], pe_cache[:B, :end]], dim=-1).type_as(q_all).unsqueeze(1)
+        v_all = kv_cache[:B, :end].type_as(q_all).unsqueeze(1)
+        mask = None
+        if T > 1:  # new token i sits at position start_pos + i and sees keys 0..start_pos + i
+            mask = torch.ones(T, end, dtype=torch.bool, device=x.device).tril(diagonal=start_pos)
+        y = F.scaled_dot_product_attention(q_all, k_all.expand(-1, self.n_head, -1, -1),
+                                           v_all.expand(-1, self.n_head, -1, -1),
+                                           attn_mask=mask, scale=self.scale)    # (B, H, T, rank)
+        y = torch.einsum("bhtc,hdc->bthd", y, w_uv)
+        return self.wo(y.reshape(B, T, -1))
+
+
+# -----------------------------------------------------------------------------
+# DeepSeekMoE
+
+class Gate(nn.Module):
+    """Scores every routed expert, picks the top-k (group-limited, bias-steered), weights them."""
+
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.args = args
+        self.weight = nn.Parameter(torch.randn(args.n_routed_experts, args.n_embd) * 0.02)
+        # The balancing bias: fp32, saved with the model, never seen by the optimizer. It only
+        # changes WHICH experts are picked; the gate weights use the unbiased scores.
+        self.register_buffer("bias", torch.zeros(args.n_routed_experts, dtype=torch.float32))
+
+    def forward(self, x):
+        """x: (N, d) -> weights (N, k) fp32, indices (N, k), scores (N, E) fp32."""
+        a = self.args
+        with torch.autocast(x.device.type, enabled=False):  # route in fp32: near-ties matter
+            logits = F.linear(x.float(), self.weight.float())
+        scores = logits.sigmoid() if a.score_func == "sigmoid" else logits.softmax(dim=-1)
+        choice = scores + self.bias
+        if a.noisy_topk and self.training:
+            choice = choice + torch.randn_like(choice) * a.noise_std
+        if a.n_expert_groups > 1:
+            # rank groups by the sum of their two best (biased) scores, keep n_limited_groups
+            g = choice.view(-1, a.n_expert_groups, a.n_routed_experts // a.n_expert_groups)
+            group_score = g.topk(2, dim=-1).values.sum(-1)
+            top_groups = group_score.topk(a.n_limited_groups, dim=-1).indices
+            keep = torch.zeros_like(group_score, dtype=torch.bool).scatter_(1, top_groups, True)
+            choice = g.masked_fill(~keep.unsqueeze(-1), float("-inf")).flatten(1)
+        idx = choice.topk(a.n_activated_experts, dim=-1).indices
+        w = scores.gather(1, idx)
+        if a.score_func == "sigmoid":  # sigmoid scores don't sum to 1: normalise over the chosen
+            w = w / (w.sum(-1, keepdim=True) + 1e-20)
+        return w * a.route_scale, idx, scores
+
+
+class GroupedLinear(torch.autograd.Function):
+    """y[rows of expert e] = x[rows of expert e] @ w[e]^T via torch._grouped_mm, with the backward
+    written out: torch's CPU kernel has no working backward (2.13), and spelling it out costs
+    nothing on CUDA. x: (M, in) sorted by expert, w: (E, out, in), offs: (E,) int32 row ends."""
+
+    @staticmethod
+    def forward(ctx, x, w, offs):
+        ctx.save_for_backward(x, w, offs)
+        return torch._grouped_mm(x, w.transpose(-2, -1), offs=offs)
+
+    @staticmethod
+    def backward(ctx, dy):
+        x, w, offs = ctx.saved_tensors
+        dy = dy.contiguous()
+        # (the CPU kernel wants its second operand column-major, hence the transposed copy)
+        dx = torch._grouped_mm(dy, w.transpose(-2, -1).contiguous().transpose(-2, -1), offs=offs)
+        dw = torch._grouped_mm(dy.t(), x, offs=offs)  # per expert: dy_e^T x_e, (E, out, in)
+        return dx, dw, None
+
+
+class MoE(nn.Module):
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.args = args
+        E, d, h = args.n_routed_experts, args.n_embd, args.moe_inter_dim
+        self.gate = Gate(args)
+        # all routed experts in 3-D tensors, so one grouped matmul runs them all
+        self.w1 = nn.Parameter(torch.randn(E, h, d) * 0.02)  # (DeepSeekV3 re-initialises all of
+        self.w3 = nn.Parameter(torch.randn(E, h, d) * 0.02)  # these; a lone MoE still works)
+        self.w2 = nn.Parameter(torch.randn(E, d, h) * 0.02)
+        self.shared = MLP(d, args.n_shared_experts * h) if args.n_shared_experts > 0 else None
+        # tokens routed to each expert since the last update_expert_bias(); not saved (it is
+        # cleared at every optimizer step, and checkpoints are written between steps)
+        self.register_buffer("tokens_per_expert", torch.zeros(E, dtype=torch.float32), persistent=False)
+
+    def experts_impl(self, x):
+        impl = self.args.moe_impl
+        if impl != "auto":
+            return impl
+        if x.is_cuda:  # grouped_mm on CUDA runs in bf16 only
+            dt = torch.get_autocast_dtype("cuda") if torch.is_autocast_enabled("cuda") else x.dtype
+            return "grouped" if dt == torch.bfloat16 else "dense"
+        # on CPU, torch.compile's grouped_mm accepts only bf16; the eager kernel takes fp32
+        return "dense" if torch.compiler.is_compiling() else "grouped"
+
+    def forward(self, x):
+        """x: (B, T, d) -> (y, counts (E,), seq_aux_loss scalar)."""
+        a = self.args
+        B, T, d = x.shape
+        xf = x.reshape(-1, d)
+        w, idx, scores = self.gate(xf)
+        E, K = a.n_routed_experts, a.n_activated_experts
+        counts = torch.zeros(E, device=x.device, dtype=torch.float32)
+        counts.scatter_add_(0, idx.flatten(), torch.ones_like(idx.flatten(), dtype=torch.float32))
+        impl = self.experts_impl(x)
+        if impl == "grouped":
+            y = self.run_grouped(xf, w, idx, counts)
+        elif impl == "dense":
+            y = self.run_dense(xf, w, idx)
+        else:
+            y = self.run_loop(xf, w, idx)
+        if self.shared is not None:
+            y = y + self.shared(xf)
+        aux = x.new_zeros((), dtype=torch.float32)
+        if self.training and a.seq_aux_alpha > 0:
+            # Sequence-wise balance loss (paper eq. 17-20): alpha * sum_i f_i * P_i per sequence,
+            # f_i = share of the sequence's picks that went to expert i (x E/K), P_i = mean of
+            # expert i's normalised affinity. Gradient flows through P only.
+            s = scores / scores.sum(-1, keepdim=True)
+            P = s.view(B, T, E).mean(1)
+            picks = torch.zeros(B, E, device=x.device).scatter_add_(
+                1, idx.view(B, T * K), torch.ones(B, T * K, device=x.device))
+            f = picks * (E / (K * T))
+            aux = a.seq_aux_alpha * (f * P).sum(-1).mean()
+        return y.view(B, T, d), counts, aux
+
+    def run_grouped(self, x, w, idx, counts):
+        # sort the (token, slot) pairs by expert, run each expert on its contiguous rows, unsort
+        K = idx.shape[1]
+        flat = idx.flatten()
+        order = flat.argsort(stable=True)
+        offs = counts.cumsum(0).to(torch.int32)
+        dt = torch.get_autocast_dtype("cuda") if x.is_cuda and torch.is_autocast_enabled("cuda") else x.dtype
+        xs = x[order // K].to(dt)
+        w1, w3, w2 = self.w1.to(dt), self.w3.to(dt), self.w2.to(dt)
+        if x.is_cuda:  # native autograd on CUDA
+            h = F.silu(torch._grouped_mm(xs, w1.transpose(-2, -1), offs=offs)) * \
+                torch._grouped_mm(xs, w3.transpose(-2, -1), offs=offs)
+            ys = torch._grouped_mm(h, w2.transpose(-2, -1), offs=offs)
+        else:
+            h = F.silu(GroupedLinear.apply(xs, w1, offs)) * GroupedLinear.apply(xs, w3, offs)
+            ys = GroupedLinear.apply(h, w2, offs)
+        inv = torch.empty_like(order).scatter_(0, order, torch.arange(order.numel(), device=x.device))
+        y = ys[inv].view(-1, K, x.shape[1])                                     # back to (N, k, d)
+        return (y.float() * w.unsqueeze(-1)).sum(1).type_as(x)
+
+    def run_dense(self, x, w, idx):
+        # every expert on every token, zero weight where not picked: E/k times the work, but no
+        # data-dependent shapes, so it compiles on any device. Exactly the same function.
+        gates = torch.zeros(x.shape[0], self.args.n_routed_experts, device=x.device, dtype=torch.float32)
+        gates.scatter_(1, idx, w)
+        h = F.silu(torch.einsum("nd,ehd->enh", x, self.w1)) * torch.einsum("nd,ehd->enh", x, self.w3)
+        y = torch.einsum("enh,edh->end", h, self.w2)
+        return torch.einsum("end,ne->nd", y.float(), gates).type_as(x)
+
+    def run_loop(self, x, w, idx):
+        # the reference: one expert at a time, only its tokens (data-dependent: eager only)
+        y = torch.zeros_like(x, dtype=torch.float32)
+        for e in range(self.args.n_routed_experts):
+            tok, slot = (idx == e).nonzero(as_tuple=True)
+            if tok.numel() == 0:
+                continue
+            xe = x[tok]
+            ye = F.linear(F.silu(F.linear(xe, self.w1[e])) * F.linear(xe, self.w3[e]), self.w2[e])
+            y.index_add_(0, tok, ye.float() * w[tok, slot, None])
+        return y.type_as(x)
+
+
+# -----------------------------------------------------------------------------
+# blocks, MTP and the model
+
+class Block(nn.Module):
+    def __init__(self, args: ModelArgs, layer_id: int):
+        super().__init__()
+        self.attn_norm = RMSNorm(args.n_embd, args.norm_eps)
+        self.attn = MLA(args)
+        self.ffn_norm = RMSNorm(args.n_embd, args.norm_eps)
+        self.is_moe = args.is_moe_layer(layer_id)
+        self.ffn = MoE(args) if self.is_moe else MLP(args.n_embd, args.inter_dim)
+        self.drop = nn.Dropout(args.dropout)
+
+    def forward(self, x, cos, sin, cache=None, start_pos=0):
+        """-> (x, expert counts or None, balance loss). The counts come OUT of the block rather than
+        being added to a buffer inside it, so activation checkpointing's recompute can't count twice."""
+        x = x + self.drop(self.attn(self.attn_norm(x), cos, sin, cache, start_pos))
+        h = self.ffn_norm(x)
+        if self.is_moe:
+            h, counts, aux = self.ffn(h)
+        else:
+            h, counts, aux = self.ffn(h), None, x.new_zeros((), dtype=torch.float32)
+        return x + self.drop(h), counts, aux
+
+
+class MTPModule(nn.Module):
+    """Predicts token t+k+1 from the depth-(k-1) hidden state at t and the embedding of token t+k."""
+
+    def __init__(self, args: ModelArgs, layer_id: int):
+        super().__init__()
+        self.enorm = RMSNorm(args.n_embd, args.norm_eps)
+        self.hnorm = RMSNorm(args.n_embd, args.norm_eps)
+        self.eh_proj = nn.Linear(2 * args.n_embd, args.n_embd, bias=False)
+        self.block = Block(args, layer_id)
+        self.norm = RMSNorm(args.n_embd, args.norm_eps)  # before the shared head
+
+    def forward(self, h, emb, cos, sin, cache=None, start_pos=0):
+        # [embedding, hidden]: the order of DeepSeek's released eh_proj weights
+        x = self.eh_proj(torch.cat([self.enorm(emb), self.hnorm(h)], dim=-1))
+        return self.block(x, cos, sin, cache, start_pos)
+
+
+class DeepSeekV3(nn.Module):
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.args = args
+        self.tok_emb = nn.Embedding(args.vocab_size, args.n_embd)
+        self.drop = nn.Dropout(args.dropout)
+        self.blocks = nn.ModuleList([Block(args, i) for i in range(args.n_layer)])
+        self.norm = RMSNorm(args.n_embd, args.norm_eps)
+        self.head = nn.Linear(args.n_embd, args.vocab_size, bias=False)
+        # MTP blocks have MoE FFNs like the last layers (DeepSeek-V3's MTP layer 61 is a MoE layer)
+        self.mtp = nn.ModuleList([MTPModule(args, args.n_layer + k) for k in range(args.mtp_depth)])
+        if args.tie_embeddings:
+            self.head.weight = self.tok_emb.weight
+        cos, sin = rope_tables(args)
+        self.register_buffer("rope_cos", cos, persistent=False)
+        self.register_buffer("rope_sin", sin, persistent=False)
+        self.use_checkpointing = False  # activation checkpointing per block (train.py sets it)
+        self.fused_ce = None            # optional fused linear+cross-entropy (Liger), see train.py
+        self.apply(self._init_weights)
+
+    @torch.no_grad()
+    def _init_weights(self, module):
+        # GPT-2/nanoGPT: N(0, 0.02) everywhere, and the projections that write into the residual
+        # stream (attention output, FFN down-projections) scaled by 1/sqrt(2 * n_layer) so the
+        # residual's variance doesn't grow with depth. Experts count as FFN down-projections.
+        std = 0.02
+        resid_std = std / math.sqrt(2 * (self.args.n_layer + self.args.mtp_depth))
+        if isinstance(module, nn.Linear):
+            nn.init.normal_(module.weight, 0.0, std)
+        elif isinstance(module, nn.Embedding):
+            nn.init.normal_(module.weight, 0.0, std)
+        elif isinstance(module, MoE):
+            nn.init.normal_(module.w1, 0.0, std)
+            nn.init.normal_(module.w3, 0.0, std)
+            nn.init.normal_(module.w2, 0.0, resid_std)
+        elif isinstance(module, Gate):
+            nn.init.normal_(module.weight, 0.0, std)
+        if isinstance(module, MLA):
+            nn.init.normal_(module.wo.weight, 0.0, resid_std)
+        if isinstance(module, MLP):
+            nn.init.normal_(module.w2.weight, 0.0, resid_std)
+
+    def moe_layers(self):
+        return [m for m in self.modules() if isinstance(m, MoE)]
+
+    # ---- training / evaluation forward -------------------------------------------------------
+    def forward(self, idx, targets=None):
+        """idx, targets: (B, T) token ids. Training mode with targets: loss = main CE + mtp_lambda *
+        mean(MTP CEs) + balance loss. Eval mode: main CE only (comparable to any other LM); the MTP
+        modules are skipped. Without targets: logits of the last position only (nanoGPT)."""
+        B, T = idx.shape
+        if T > self.args.block_size:
+            raise ValueError(f"sequence length {T} exceeds block_size {self.args.block_size}")
+        cos, sin = self.rope_cos[:T], self.rope_sin[:T]
+        x = self.drop(self.tok_emb(idx))
+        aux = x.new_zeros((), dtype=torch.float32)
+        for block in self.blocks:
+            x, counts, a = self.run_block(block, x, cos, sin)
+            aux = aux + a
+            if counts is not None and self.training:
+                block.ffn.tokens_per_expert.add_(counts)
+        h = self.norm(x)
+        if targets is None:
+            return self.head(h[:, [-1]]), None
+        logits, loss = self.lm_loss(h, targets)
+        if self.training and self.args.mtp_depth > 0 and T > self.args.mtp_depth:
+            # Depth k at position t sees h^{k-1}_t and token t+k, and predicts token t+k+1
+            # (= targets[t+k]). All positions at once: the decoder is never run token by token.
+            mtp_losses = []
+            hk = h
+            for k, mod in enumerate(self.mtp, start=1):
+                emb = self.tok_emb(idx[:, k:])
+                hk, counts, a = self.run_block(mod, hk[:, :T - k], emb, cos[:T - k], sin[:T - k])
+                aux = aux + a
+                if counts is not None:
+                    mod.block.ffn.tokens_per_expert.add_(counts)
+                mtp_losses.append(self.lm_loss(mod.norm(hk), targets[:, k:])[1])
+            loss = loss + self.args.mtp_lambda * torch.stack(mtp_losses).mean()
+        if self.training:
+            loss = loss + aux
+        return logits, loss
+
+    def run_block(self, block, *xs):
+        if self.use_checkpointing and self.training and torch.is_grad_enabled():
+            return torch.utils.checkpoint.checkpoint(block, *xs, use_reentrant=False)
+        return block(*xs)
+
+    def lm_loss(self, h, targets):
+        if self.fused_ce is not None:  # never materialises the (B, T, vocab) logits
+            return None, self.fused_ce(self.head.weight, h.flatten(0, 1), targets.flatten())
+        logits = self.head(h)
+        return logits, F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=-1)
+
+    # ---- the auxiliary-loss-free balancing step ------------------------------------------------
+    @torch.no_grad()
+    def update_expert_bias(self):
+        """Once per optimizer step: b_i += speed * sign(mean_load - load_i) from the tokens counted
+        since the last call (summed over ranks when distributed), re-centred, then the counts are
+        cleared. Runs on the device, no host sync. Returns the mean MaxVio (max/mean load - 1)."""
+        layers = self.moe_layers()
+        if not layers:
+            return None
+        counts = torch.stack([m.tokens_per_expert for m in layers])         # (L, E)
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.all_reduce(counts)
+        mean = counts.mean(-1, keepdim=True)
+        delta = self.args.bias_update_speed * torch.sign(mean - counts)
+        for m, dl in zip(layers, delta):
+            m.gate.bias.add_(dl)
+            m.gate.bias.sub_(m.gate.bias.mean())  # a common shift changes no choice: keep it near 0
+            m.tokens_per_expert.zero_()
+        return (counts.amax(-1) / mean.squeeze(-1).clamp_min(1e-9) - 1).mean()
+
+    # ---- inference with the compressed MLA cache -------------------------------------------------
+    def make_cache(self, batch_size, max_len=None, device=None, dtype=torch.float32):
+        """Per layer (main blocks, then MTP blocks): kv latent (B, S, kv_lora_rank) and rotary key
+        (B, S, qk_rope_head_dim). That is all MLA needs to remember."""
+        a = self.args
+        S = max_len or a.block_size
+        L = a.n_layer + a.mtp_depth
+        device = device or self.tok_emb.weight.device
+        kv = torch.zeros(L, batch_size, S, a.kv_lora_rank, device=device, dtype=dtype)
+        pe = torch.zeros(L, batch_size, S, a.qk_rope_head_dim, device=device, dtype=dtype)
+        return [(kv[i], pe[i]) for i in range(L)]
+
+    def cache_bytes_per_token(self, dtype=torch.bfloat16):
+        """(MLA cache, an uncompressed per-head K/V cache) in bytes per token, main model."""
+        a, b = self.args, torch.finfo(dtype).bits // 8
+        return (a.n_layer * (a.kv_lora_rank + a.qk_rope_head_dim) * b,
+                a.n_layer * a.n_head * (a.qk_head_dim + a.v_head_dim) * b)
+
+    @torch.no_grad()
+    def forward_cached(self, idx, cache, start_pos=0):
+        """Run new tokens idx (B, T) at positions start_pos.. against the cache, which they extend.
+        Returns logits (B, T, vocab) and the final-normed hidden states (B, T, d) for the MTP."""
+        B, T = idx.shape
+        if start_pos + T > self.args.block_size:
+            raise ValueError(f"position {start_pos + T} exceeds block_size {self.args.block_size}")
+        cos, sin = self.rope_cos[start_pos:start_pos + T], self.rope_sin[start_pos:start_pos + T]
+        x = self.tok_emb(idx)
+        for i, block in enumerate(self.blocks):
+            x = block(x, cos, sin, cache[i], start_pos)[0]
+        h = self.norm(x)
+        return self.head(h), h
+
+    @torch.no_grad()
+    def mtp_cached(self, h, next_idx, cache, start_pos=0, depth=0):
+        """MTP module `depth` at positions start_pos..: h (B, T, d) is the previous depth's hidden
+        state there (forward_cached's h for depth 0) and next_idx (B, T) the tokens one position
+        later. Returns logits for the tokens two positions later (a draft) and the new hidden."""
+        T = h.shape[1]
+        cos, sin = self.rope_cos[start_pos:start_pos + T], self.rope_sin[start_pos:start_pos + T]
+        mod = self.mtp[depth]
+        x = mod(h, self.tok_emb(next_idx), cos, sin, cache[self.args.n_layer + depth], start_pos)[0]
+        return self.head(mod.norm(x)), x
+
+    # ---- accounting ----------------------------------------------------------------------------
+    def get_num_params(self):
+        """Counts for the main model (MTP apart): total, active per token, embedding; and mtp."""
+        a = self.args
+        main = [p for n, p in self.named_parameters() if not n.startswith("mtp.")]
+        total = sum(p.numel() for p in main)
+        emb = self.tok_emb.weight.numel()
+        inactive = 0
+        for m in self.blocks:
+            if m.is_moe:
+                per_expert = m.ffn.w1[0].numel() + m.ffn.w2[0].numel() + m.ffn.w3[0].numel()
+                inactive += (a.n_routed_experts - a.n_activated_experts) * per_expert
+        seen, mtp = {id(p) for p in main}, 0
+        for p in self.mtp.parameters():
+            if id(p) not in seen:
+                mtp += p.numel()
+        return {"total": total, "active": total - inactive, "embedding": emb, "mtp": mtp}
+
+    def estimate_flops_per_token(self, T=None):
+        """Training FLOPs per token: 6 x active matmul weights (embedding lookup excluded, the head
+        and the MTP modules included) plus attention's 6 * T * H * (qk_dim + v_dim) per layer."""
+        a = self.args
+        T = T or a.block_size
+        n = self.get_num_params()
+        matmul = n["active"] - n["embedding"] + (n["embedding"] if a.tie_embeddings else 0)
+        L = a.n_layer
+        if a.mtp_depth:
+            per_mod = self.mtp[0]
+            mod_params = sum(p.numel() for p in per_mod.parameters())
+            if per_mod.block.is_moe:
+                e = per_mod.block.ffn
+                mod_params -= (a.n_routed_experts - a.n_activated_experts) * (e.w1[0].numel() * 3)
+            matmul += a.mtp_depth * (mod_params + self.head.weight.numel())  # the head runs again
+            L += a.mtp_depth
+        attn = 6 * L * T * a.n_head * (a.qk_head_dim + a.v_head_dim)
+        return 6 * matmul + attn
+
+    def estimate_mfu(self, tokens_per_s, peak_flops=989e12):
+        """Model FLOPs utilisation against peak_flops (default: H100 SXM bf16 dense, 989 TFLOP/s)."""
+        return self.estimate_flops_per_token() * tokens_per_s / peak_flops
+
+    def configure_optimizers(self, weight_decay, learning_rate, betas, device_type):
+        """AdamW; weight decay on matrices (2-D and the 3-D expert stacks) only, never on norms.
+        The expert bias is a buffer, so the optimizer never sees it."""
+        params = [p for p in self.parameters() if p.requires_grad]
+        decay = [p for p in params if p.dim() >= 2]
+        no_decay = [p for p in params if p.dim() < 2]
+        groups = [{"params": decay, "weight_decay": weight_decay},
+                  {"params": no_decay, "weight_decay": 0.0}]
+        fused = device_type == "cuda"
+        return torch.optim.AdamW(groups, lr=learning_rate, betas=betas, fused=fused)

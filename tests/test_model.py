@@ -1,0 +1,515 @@
+"""CPU tests for model.py. Small configs, fp32, the whole file in well under a minute."""
+import math
+import os
+import sys
+from dataclasses import replace
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from model import MLA, DeepSeekV3, Gate, ModelArgs, MoE, apply_rope, rope_tables  # noqa: E402
+
+
+def small(**kw):
+    base = dict(block_size=64, vocab_size=96, n_layer=3, n_head=4, n_embd=64, q_lora_rank=32,
+                kv_lora_rank=16, qk_nope_head_dim=16, qk_rope_head_dim=8, v_head_dim=12,
+                inter_dim=96, n_dense_layers=1, moe_inter_dim=24, n_routed_experts=8,
+                n_activated_experts=2, n_expert_groups=4, n_limited_groups=2, n_shared_experts=1,
+                mtp_depth=1, seq_aux_alpha=1e-4)
+    base.update(kw)
+    return ModelArgs(**base)
+
+
+def model_of(args, seed=0):
+    torch.manual_seed(seed)
+    return DeepSeekV3(args)
+
+
+def tokens(args, B=2, T=24, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(0, args.vocab_size, (B, T), generator=g)
+
+
+def rel(a, b):
+    return ((a - b).norm() / b.norm()).item()
+
+
+# ---- RoPE ------------------------------------------------------------------------------------
+
+def test_rope_inverse_frequencies_values():
+    a = small(qk_rope_head_dim=32, rope_theta=10000.0)
+    cos, sin = rope_tables(a)
+    # position 1 holds the angles themselves: theta_i = 10000^(-2i/32)
+    angles = torch.atan2(sin[1], cos[1])
+    expected = torch.tensor([10000.0 ** (-2 * i / 32) for i in range(16)])
+    assert torch.allclose(angles, expected, rtol=1e-5, atol=1e-7)
+    assert angles[0].item() == pytest.approx(1.0) and angles[-1].item() == pytest.approx(10000 ** (-30 / 32), rel=1e-5)
+    # the wrong parentheses (1 / (theta ** arange) / d) would give nearly zero for every i > 0
+    assert angles[1].item() > 0.5
+
+
+def test_rope_is_complex_rotation_of_adjacent_pairs():
+    a = small()
+    cos, sin = rope_tables(a)
+    T, d = 10, a.qk_rope_head_dim
+    x = torch.randn(2, T, 3, d)
+    out = apply_rope(x, cos[:T], sin[:T])
+    z = torch.view_as_complex(x.reshape(2, T, 3, d // 2, 2))
+    rot = torch.polar(torch.ones_like(cos[:T]), torch.atan2(sin[:T], cos[:T]))[None, :, None, :]
+    ref = torch.view_as_real(z * rot).flatten(-2)
+    assert torch.allclose(out, ref, atol=1e-6)
+    # relative positions only: <R(m) q, R(n) k> depends on m - n
+    q, k = torch.randn(d), torch.randn(d)
+    def dot(m, n):
+        qm = apply_rope(q.view(1, 1, 1, d), cos[m:m + 1], sin[m:m + 1])
+        kn = apply_rope(k.view(1, 1, 1, d), cos[n:n + 1], sin[n:n + 1])
+        return (qm * kn).sum().item()
+    assert dot(7, 3) == pytest.approx(dot(5, 1), abs=1e-5)
+
+
+def test_yarn_frequencies_and_mscale():
+    a = small(qk_rope_head_dim=32, rope_factor=4.0, original_seq_len=16, block_size=64, mscale=1.0)
+    plain = small(qk_rope_head_dim=32)
+    cos, sin = rope_tables(a)
+    c0, s0 = rope_tables(plain)
+    f, f0 = torch.atan2(sin[1], cos[1]), torch.atan2(s0[1], c0[1])
+    # high-frequency dims keep their frequency, the lowest ones are divided by the factor
+    assert f[0].item() == pytest.approx(f0[0].item(), rel=1e-6)
+    assert f[-1].item() == pytest.approx(f0[-1].item() / 4.0, rel=1e-5)
+    assert torch.all(f <= f0 * (1 + 1e-5)) and torch.all(f >= f0 / 4.0 * (1 - 1e-5))
+    m = 0.1 * math.log(4.0) + 1.0
+    assert MLA(a).scale == pytest.approx(m * m / math.sqrt(a.qk_head_dim))
+    assert MLA(plain).scale == pytest.approx(1 / math.sqrt(plain.qk_head_dim))
+
+
+# ---- attention, causality, cache --------------------------------------------------------------
+
+@pytest.mark.parametrize("q_lora_rank", [0, 32])
+def test_causality(q_lora_rank):
+    a = small(q_lora_rank=q_lora_rank)
+    m = model_of(a).eval()
+    x = tokens(a)
+    y = torch.zeros_like(x)
+    with torch.no_grad():
+        l1, _ = m(x, y)
+        x2 = x.clone()
+        x2[:, 15:] = (x2[:, 15:] + 7) % a.vocab_size
+        l2, _ = m(x2, y)
+    assert torch.allclose(l1[:, :15], l2[:, :15], atol=1e-6, rtol=0)  # bitwise may differ: other batching
+    assert (l1[:, 15:] - l2[:, 15:]).abs().amax(-1).min() > 1e-3  # every later position changes
+
+
+def test_every_head_reads_the_whole_latent():
+    # zero all but the last latent channel: if heads only read their own slice, some heads would
+    # go blind. Instead every head's key depends on every latent channel through wkv_b.
+    a = small()
+    attn = MLA(a)
+    w = attn.wkv_b.weight.view(a.n_head, a.qk_nope_head_dim + a.v_head_dim, a.kv_lora_rank)
+    assert (w.abs().sum(1) > 0).all()  # (heads, latent channels): all connected
+    x = torch.randn(1, 5, a.n_embd, requires_grad=True)
+    cos, sin = rope_tables(a)
+    out = attn(x, cos[:5], sin[:5])
+    out[0, -1].sum().backward()
+    assert x.grad[0, :-1].abs().sum() > 0  # later tokens read earlier ones
+
+
+@pytest.mark.parametrize("kw", [dict(), dict(q_lora_rank=0), dict(rope_factor=2.0, original_seq_len=16),
+                                dict(n_routed_experts=0, n_dense_layers=0)])
+def test_cached_decode_matches_full_forward(kw):
+    a = small(**kw)
+    m = model_of(a).eval()
+    x = tokens(a, B=3, T=20)
+    with torch.no_grad():
+        full, _ = m(x, torch.zeros_like(x))
+        # prefill 7, then one token at a time, then a chunk of 3, then one by one
+        cache = m.make_cache(3)
+        outs = [m.forward_cached(x[:, :7], cache, 0)[0]]
+        pos = 7
+        for step in [1, 1, 3, 1, 1, 1, 1, 1, 1, 1, 1]:
+            outs.append(m.forward_cached(x[:, pos:pos + step], cache, pos)[0])
+            pos += step
+        cached = torch.cat(outs, dim=1)
+    assert cached.shape == full.shape
+    assert rel(cached, full) <= 1e-5
+
+
+def test_cache_size_per_token():
+    a = small()
+    m = model_of(a)
+    mla, per_head = m.cache_bytes_per_token(torch.bfloat16)
+    assert mla == a.n_layer * (a.kv_lora_rank + a.qk_rope_head_dim) * 2
+    assert per_head == a.n_layer * a.n_head * (a.qk_nope_head_dim + a.qk_rope_head_dim + a.v_head_dim) * 2
+    cache = m.make_cache(2, 16)
+    assert len(cache) == a.n_layer + a.mtp_depth
+    assert cache[0][0].shape == (2, 16, a.kv_lora_rank) and cache[0][1].shape == (2, 16, a.qk_rope_head_dim)
+
+
+def test_sequence_longer_than_block_size_raises():
+    a = small(block_size=16)
+    m = model_of(a)
+    with pytest.raises(ValueError, match="block_size"):
+        m(tokens(a, T=17))
+    with pytest.raises(ValueError, match="block_size"):
+        m.forward_cached(tokens(a, T=5), m.make_cache(2), start_pos=12)
+
+
+def test_attention_dropout_only_in_training():
+    a = small(dropout=0.3)
+    m = model_of(a)
+    x = tokens(a)
+    m.eval()
+    with torch.no_grad():
+        assert torch.equal(m(x, x)[0], m(x, x)[0])
+    m.train()
+    with torch.no_grad():
+        assert not torch.equal(m(x, x)[0], m(x, x)[0])
+
+
+# ---- MoE ------------------------------------------------------------------------------------
+
+def moe_grads(a, impl, x):
+    torch.manual_seed(3)
+    moe = MoE(replace(a, moe_impl=impl))
+    with torch.no_grad():
+        for p in (moe.w1, moe.w3, moe.w2, moe.gate.weight):
+            p.normal_(0, 0.2)
+    moe.train()
+    x = x.clone().requires_grad_(True)
+    y, counts, aux = moe(x)
+    (y.square().sum() + aux).backward()
+    return y, counts, x.grad, {n: p.grad for n, p in moe.named_parameters()}
+
+
+@pytest.mark.parametrize("impl", ["grouped", "dense"])
+def test_fast_experts_match_loop_reference(impl):
+    a = small()
+    x = torch.randn(3, 11, a.n_embd)
+    y0, c0, gx0, g0 = moe_grads(a, "loop", x)
+    y1, c1, gx1, g1 = moe_grads(a, impl, x)
+    assert torch.equal(c0, c1) and c0.sum() == 3 * 11 * a.n_activated_experts
+    assert rel(y1, y0) < 1e-5
+    assert rel(gx1, gx0) < 1e-5
+    for n in g0:
+        assert rel(g1[n], g0[n]) < 1e-5, n
+
+
+def test_expert_with_no_tokens():
+    # routing every token away from some experts must still work in the grouped path
+    a = small(n_expert_groups=1, n_limited_groups=1)
+    x = torch.randn(2, 5, a.n_embd)
+    torch.manual_seed(0)
+    moe = MoE(replace(a, moe_impl="grouped"))
+    ref = MoE(replace(a, moe_impl="loop"))
+    ref.load_state_dict(moe.state_dict())
+    for m in (moe, ref):
+        m.gate.bias[:] = torch.tensor([5.0, 5.0] + [0.0] * 6)  # experts 0 and 1 take everything
+    y, counts, _ = moe(x)
+    assert counts[2:].sum() == 0
+    assert rel(y, ref(x)[0]) < 1e-6
+
+
+def test_bias_changes_selection_not_gate_weights():
+    a = small(n_expert_groups=1, n_limited_groups=1, route_scale=2.5)
+    gate = Gate(a)
+    x = torch.randn(50, a.n_embd)
+    w0, idx0, scores = gate(x)
+    gate.bias[5] = 10.0  # now expert 5 is always picked
+    w1, idx1, scores1 = gate(x)
+    assert torch.equal(scores, scores1)
+    assert (idx1 == 5).any(-1).all() and not (idx0 == 5).any(-1).all()
+    # the weights are the UNBIASED scores of the chosen experts, normalised, times route_scale
+    expected = scores.gather(1, idx1)
+    expected = expected / expected.sum(-1, keepdim=True) * 2.5
+    assert torch.allclose(w1, expected, atol=1e-6)
+    assert torch.allclose(w1.sum(-1), torch.full((50,), 2.5), atol=1e-5)
+
+
+def test_softmax_scores_are_not_renormalised():
+    a = small(score_func="softmax", n_expert_groups=1, n_limited_groups=1)
+    gate = Gate(a)
+    x = torch.randn(20, a.n_embd)
+    w, idx, scores = gate(x)
+    assert torch.allclose(scores.sum(-1), torch.ones(20), atol=1e-6)
+    assert torch.allclose(w, scores.gather(1, idx))
+
+
+def test_group_limited_routing_stays_in_chosen_groups():
+    a = small(n_routed_experts=16, n_expert_groups=4, n_limited_groups=2, n_activated_experts=3)
+    gate = Gate(a)
+    gate.bias.normal_(0, 0.1)
+    x = torch.randn(500, a.n_embd)
+    w, idx, scores = gate(x)
+    biased = (scores + gate.bias).view(-1, 4, 4)
+    top_groups = biased.topk(2, dim=-1).values.sum(-1).topk(2, dim=-1).indices  # (N, 2)
+    chosen_groups = idx // 4
+    assert (chosen_groups.unsqueeze(-1) == top_groups.unsqueeze(1)).any(-1).all()
+    # and within the allowed groups it is the plain top-k of biased scores
+    allowed = torch.zeros(500, 4, dtype=torch.bool).scatter_(1, top_groups, True)
+    masked = biased.masked_fill(~allowed.unsqueeze(-1), -1e9).flatten(1)
+    assert torch.equal(idx.sort(-1).values, masked.topk(3, dim=-1).indices.sort(-1).values)
+
+
+def test_bias_update_direction_and_counts_cleared():
+    a = small(bias_update_speed=0.01)
+    m = model_of(a).train()
+    x = tokens(a, B=4, T=32)
+    m(x, x)[1].backward()
+    layers = m.moe_layers()
+    assert len(layers) == (a.n_layer - a.n_dense_layers) + a.mtp_depth
+    counts = [l.tokens_per_expert.clone() for l in layers]
+    assert counts[0].sum() == 4 * 32 * a.n_activated_experts          # a main block: every token
+    assert counts[-1].sum() == 4 * 31 * a.n_activated_experts         # MTP block: T - 1 positions
+    biases = [l.gate.bias.clone() for l in layers]
+    maxvio = m.update_expert_bias()
+    c = counts[0]
+    expected = 0.01 * torch.sign(c.mean() - c)
+    expected = expected - expected.mean()
+    assert torch.allclose(layers[0].gate.bias - biases[0], expected, atol=1e-7)
+    over, under = c.argmax(), c.argmin()
+    assert layers[0].gate.bias[over] < biases[0][over] and layers[0].gate.bias[under] > biases[0][under]
+    assert maxvio.item() == pytest.approx(
+        torch.stack([(k.max() / k.mean() - 1) for k in counts]).mean().item(), rel=1e-5)
+    assert all(l.tokens_per_expert.sum() == 0 for l in layers)
+    # eval forwards count nothing
+    m.eval()
+    with torch.no_grad():
+        m(x, x)
+    assert all(l.tokens_per_expert.sum() == 0 for l in layers)
+
+
+def test_bias_is_a_saved_fp32_buffer_outside_the_optimizer():
+    a = small()
+    m = model_of(a)
+    sd = m.state_dict()
+    bias_keys = [k for k in sd if k.endswith("gate.bias")]
+    assert bias_keys and all(sd[k].dtype == torch.float32 for k in bias_keys)
+    assert not any(k.endswith("tokens_per_expert") for k in sd)
+    opt = m.configure_optimizers(0.1, 1e-3, (0.9, 0.95), "cpu")
+    in_opt = {id(p) for g in opt.param_groups for p in g["params"]}
+    assert all(id(m.get_buffer(k)) not in in_opt for k in bias_keys)
+    decayed = {id(p) for p in opt.param_groups[0]["params"]}
+    for n, p in m.named_parameters():
+        assert (id(p) in decayed) == (p.dim() >= 2), n
+    assert id(m.blocks[1].ffn.w1) in decayed and id(m.norm.weight) not in decayed
+
+
+def test_seq_aux_loss_by_hand():
+    a = small(seq_aux_alpha=0.5, n_expert_groups=1, n_limited_groups=1)
+    torch.manual_seed(0)
+    moe = MoE(a).train()
+    x = torch.randn(2, 7, a.n_embd)
+    _, _, aux = moe(x)
+    E, K, T = a.n_routed_experts, a.n_activated_experts, 7
+    total = 0.0
+    for b in range(2):
+        w, idx, scores = moe.gate(x[b])
+        f = torch.zeros(E)
+        for e in idx.flatten().tolist():
+            f[e] += E / (K * T)
+        P = (scores / scores.sum(-1, keepdim=True)).mean(0)
+        total += (f * P).sum().item()
+    assert aux.item() == pytest.approx(0.5 * total / 2, rel=1e-5)
+    moe.eval()
+    assert moe(x)[2].item() == 0.0
+
+
+def test_noisy_topk_only_in_training():
+    a = small(noisy_topk=True, noise_std=0.5, n_expert_groups=1, n_limited_groups=1)
+    gate = Gate(a)
+    x = torch.randn(200, a.n_embd)
+    gate.eval()
+    assert torch.equal(gate(x)[1], gate(x)[1])
+    gate.train()
+    assert not torch.equal(gate(x)[1], gate(x)[1])
+
+
+# ---- MTP and the loss -------------------------------------------------------------------------
+
+@pytest.mark.parametrize("depth", [1, 2])
+def test_mtp_loss_by_hand(depth):
+    a = small(mtp_depth=depth, seq_aux_alpha=0.0, mtp_lambda=0.3)
+    m = model_of(a).train()
+    x = tokens(a, T=16)
+    y = tokens(a, T=16, seed=5)
+    _, loss = m(x, y)
+    # by hand: run the trunk, then module k on positions 0..T-k-1 with tokens x[t+k], target y[t+k]
+    with torch.no_grad():
+        T = 16
+        cos, sin = m.rope_cos[:T], m.rope_sin[:T]
+        h = m.tok_emb(x)
+        for blk in m.blocks:
+            h = blk(h, cos, sin)[0]
+        h = m.norm(h)
+        main = F.cross_entropy(m.head(h).flatten(0, 1), y.flatten())
+        ces, hk = [], h
+        for k in range(1, depth + 1):
+            mod = m.mtp[k - 1]
+            e = m.tok_emb(x[:, k:])
+            hk = mod.block(mod.eh_proj(torch.cat([mod.enorm(e), mod.hnorm(hk[:, :T - k])], -1)),
+                           cos[:T - k], sin[:T - k])[0]
+            ces.append(F.cross_entropy(m.head(mod.norm(hk)).flatten(0, 1), y[:, k:].flatten()))
+        expected = main + 0.3 * torch.stack(ces).mean()
+    assert loss.item() == pytest.approx(expected.item(), rel=1e-5)
+    m.eval()
+    with torch.no_grad():
+        assert m(x, y)[1].item() == pytest.approx(main.item(), rel=1e-5)  # eval: main CE only
+
+
+def test_mtp_cached_matches_training_path():
+    a = small(mtp_depth=1)
+    m = model_of(a).eval()
+    x = tokens(a, B=2, T=12)
+    with torch.no_grad():
+        cache = m.make_cache(2)
+        _, h = m.forward_cached(x, cache, 0)
+        draft_full, _ = m.mtp_cached(h[:, :-1], x[:, 1:], cache, 0)
+        # the same drafts one position at a time
+        cache2 = m.make_cache(2)
+        _, h2 = m.forward_cached(x, cache2, 0)
+        steps = [m.mtp_cached(h2[:, t:t + 1], x[:, t + 1:t + 2], cache2, t)[0] for t in range(11)]
+        # and from the training formulation
+        T = 11
+        mod = m.mtp[0]
+        hk = mod(h[:, :T], m.tok_emb(x[:, 1:]), m.rope_cos[:T], m.rope_sin[:T])[0]
+        ref = m.head(mod.norm(hk))
+    assert rel(draft_full, ref) < 1e-5
+    assert rel(torch.cat(steps, 1), ref) < 1e-5
+
+
+def test_plain_inference_skips_mtp():
+    a = small()
+    m = model_of(a).eval()
+    x = tokens(a)
+    with torch.no_grad():
+        before = m(x)[0]
+        for p in m.mtp.parameters():
+            p.add_(1.0)
+        assert torch.equal(before, m(x)[0])
+    assert m(x)[0].shape == (2, 1, a.vocab_size)
+
+
+# ---- accounting -------------------------------------------------------------------------------
+
+def test_parameter_counts_by_hand():
+    a = small(q_lora_rank=32, mtp_depth=1, n_layer=3, n_dense_layers=1, tie_embeddings=False)
+    m = model_of(a)
+    d, V, H = 64, 96, 4
+    attn = (d * 32 + 32 + 32 * H * 24) + (d * (16 + 8) + 16 + 16 * H * (16 + 12)) + H * 12 * d
+    norms = 2 * d
+    dense = 3 * d * 96
+    expert = 3 * d * 24
+    moe = 8 * expert + 1 * expert + 8 * d  # routed + shared + router
+    total = V * d + d * V + d + (attn + norms + dense) + 2 * (attn + norms + moe)
+    n = m.get_num_params()
+    assert n["total"] == total
+    assert n["embedding"] == V * d
+    assert n["active"] == total - 2 * (8 - 2) * expert
+    assert n["mtp"] == 2 * d + 2 * d * d + attn + norms + moe + d
+    assert sum(p.numel() for p in m.parameters()) == n["total"] + n["mtp"]
+    tied = model_of(replace(a, tie_embeddings=True)).get_num_params()
+    assert tied["total"] == total - V * d
+    # FLOPs: 6 x matmul weights per token + attention
+    f = m.estimate_flops_per_token(T=64)
+    mtp_active = n["mtp"] - (8 - 2) * expert
+    expected = 6 * (n["active"] - V * d + mtp_active + V * d) + 6 * 4 * 64 * H * (24 + 12)
+    assert f == expected
+    assert m.estimate_mfu(1e6, peak_flops=1e12) == pytest.approx(f * 1e6 / 1e12)
+
+
+def test_flagship_parameter_counts():
+    a = ModelArgs()  # the defaults are the 16x4 flagship shape
+    with torch.device("meta"):
+        m = DeepSeekV3(a)
+    n = m.get_num_params()
+    assert 120e6 < n["total"] < 128e6
+
+
+# ---- bad input --------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("kw,field", [
+    (dict(n_activated_experts=9), "n_activated_experts"),
+    (dict(n_activated_experts=0), "n_activated_experts"),
+    (dict(n_expert_groups=3), "n_expert_groups"),
+    (dict(n_limited_groups=5), "n_limited_groups"),
+    (dict(n_expert_groups=4, n_limited_groups=1, n_activated_experts=3), "n_limited_groups"),
+    (dict(n_expert_groups=8, n_limited_groups=2), "n_expert_groups"),
+    (dict(qk_rope_head_dim=7), "qk_rope_head_dim"),
+    (dict(n_embd=0), "n_embd"),
+    (dict(n_head=-2), "n_head"),
+    (dict(q_lora_rank=-1), "q_lora_rank"),
+    (dict(score_func="relu"), "score_func"),
+    (dict(moe_impl="fast"), "moe_impl"),
+    (dict(dropout=1.0), "dropout"),
+    (dict(n_dense_layers=4), "n_dense_layers"),
+    (dict(rope_factor=0.5), "rope_factor"),
+    (dict(block_size=2.5), "block_size"),
+    (dict(mtp_depth=-1), "mtp_depth"),
+])
+def test_impossible_args_raise(kw, field):
+    with pytest.raises(ValueError, match=field):
+        small(**kw)
+
+
+# ---- training ---------------------------------------------------------------------------------
+
+def test_overfits_one_batch():
+    a = small(mtp_depth=1)
+    m = model_of(a).train()
+    x = tokens(a, B=4, T=32)
+    y = torch.roll(x, -1, dims=1)
+    opt = m.configure_optimizers(0.0, 3e-3, (0.9, 0.95), "cpu")
+    first = None
+    for _ in range(60):
+        _, loss = m(x, y)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        m.update_expert_bias()
+        first = first if first is not None else loss.item()
+    m.eval()
+    with torch.no_grad():
+        final = m(x, y)[1].item()
+    assert first > 4.0 and final < 0.5
+
+
+def test_checkpointing_gives_same_loss_and_grads():
+    a = small(dropout=0.1, noisy_topk=True)
+    m = model_of(a).train()
+    x = tokens(a)
+    torch.manual_seed(7)
+    l0 = m(x, x)[1]
+    l0.backward()
+    g0 = [p.grad.clone() for p in m.parameters()]
+    c0 = [l.tokens_per_expert.clone() for l in m.moe_layers()]
+    m.zero_grad()
+    for l in m.moe_layers():
+        l.tokens_per_expert.zero_()
+    m.use_checkpointing = True
+    torch.manual_seed(7)
+    l1 = m(x, x)[1]
+    l1.backward()
+    assert l1.item() == pytest.approx(l0.item(), rel=1e-6)
+    for p, g in zip(m.parameters(), g0):
+        assert torch.allclose(p.grad, g, atol=1e-6)
+    # the recompute in backward must not count tokens a second time
+    assert all(torch.equal(l.tokens_per_expert, c) for l, c in zip(m.moe_layers(), c0))
+
+
+def test_compile_fullgraph_training_step():
+    a = small(n_layer=2, mtp_depth=1)
+    m = model_of(a).train()
+    x = tokens(a, B=2, T=16)
+    ref_loss = m(x, x)[1]
+    ref_loss.backward()
+    ref_grad = m.blocks[1].ffn.w1.grad.clone()
+    m.zero_grad()
+    for l in m.moe_layers():
+        l.tokens_per_expert.zero_()
+    cm = torch.compile(m, fullgraph=True)
+    loss = cm(x, x)[1]
+    loss.backward()
+    assert loss.item() == pytest.approx(ref_loss.item(), rel=1e-5)
+    assert rel(m.blocks[1].ffn.w1.grad, ref_grad) < 1e-4
+    assert m.blocks[1].ffn.tokens_per_expert.sum() == 2 * 16 * a.n_activated_experts
