@@ -670,3 +670,42 @@ class DeepSeekV3(nn.Module):
                   {"params": no_decay, "weight_decay": 0.0}]
         fused = device_type == "cuda"
         return torch.optim.AdamW(groups, lr=learning_rate, betas=betas, fused=fused)
+
+
+# -----------------------------------------------------------------------------
+# checkpoints (train.py writes them; sample.py, export.py and train.py's resume read them)
+
+class CheckpointError(ValueError):
+    """A checkpoint that can't be used; the message is one line meant for the user."""
+
+
+def load_checkpoint(path, map_location="cpu"):
+    """-> (DeepSeekV3 with the checkpoint's weights, the checkpoint dict). Every way a file can be
+    wrong becomes a CheckpointError with a one-line message."""
+    import os
+    if not os.path.isfile(path):
+        raise CheckpointError(f"no checkpoint at {path} (train one with train.py, or point out_dir at one)")
+    try:
+        ckpt = torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as e:  # truncated, corrupt, or not a torch file at all
+        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise CheckpointError(f"checkpoint {path} is unreadable (truncated or corrupt?): {msg[:200]}") from None
+    if not isinstance(ckpt, dict) or "model" not in ckpt or "model_args" not in ckpt:
+        raise CheckpointError(f"{path} is not a checkpoint of this project (no 'model'/'model_args')")
+    names = {f.name for f in fields(ModelArgs)}
+    unknown = sorted(set(ckpt["model_args"]) - names)
+    if unknown:
+        raise CheckpointError(f"{path} is from a different architecture (unknown model args: {', '.join(unknown[:5])})")
+    try:
+        args = ModelArgs(**ckpt["model_args"])
+    except (ValueError, TypeError) as e:
+        raise CheckpointError(f"{path} holds impossible model args: {e}") from None
+    model = DeepSeekV3(args)
+    # a compiled model's state_dict carries this prefix; the weights are the same
+    sd = {k.removeprefix("_orig_mod.").removeprefix("module."): v for k, v in ckpt["model"].items()}
+    missing, unexpected = model.load_state_dict(sd, strict=False)
+    if missing or unexpected:
+        what = (missing or unexpected)[0]
+        raise CheckpointError(f"{path} does not match its model args ({len(missing)} missing, "
+                              f"{len(unexpected)} unexpected weights, e.g. {what})")
+    return model, ckpt
