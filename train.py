@@ -1,0 +1,373 @@
+"""
+Train DeepSeek-V3 on TinyStories. One GPU:
+    python train.py config/tinystories_16x4.py --batch_size=16
+DDP on one node with 2 GPUs (gradient accumulation is divided among the ranks):
+    torchrun --standalone --nproc_per_node=2 train.py config/tinystories_16x4.py
+Every knob below is a global that a config file or --key=value can override (configurator.py).
+"""
+
+import json
+import math
+import os
+import signal
+import sys
+import time
+from contextlib import nullcontext
+from dataclasses import asdict, fields
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+from model import CheckpointError, DeepSeekV3, ModelArgs, load_checkpoint
+
+# -----------------------------------------------------------------------------
+# I/O
+out_dir = "out-tinystories"
+eval_interval = 500
+log_interval = 10
+eval_iters = 50
+eval_only = False
+always_save_checkpoint = False  # save every eval, not only when val loss improves
+keep_last = True                # keep the previous checkpoint as ckpt.prev.pt
+init_from = "scratch"           # 'scratch' or 'resume' (from out_dir/ckpt.pt)
+wandb_log = False               # works with WANDB_MODE=offline too
+wandb_project = "deepseek-v3-tinystories"
+wandb_run_name = "run"
+# data
+data_dir = "data/tinystories"   # train.bin / val.bin / meta.json from prepare.py
+gradient_accumulation_steps = 1  # micro-steps per optimizer step, summed over all ranks
+batch_size = 64                 # micro-batch size per rank
+seed = 1337
+# model: every ModelArgs field is a knob here too; the defaults are the 16x4 flagship (model.py)
+globals().update({f.name: f.default for f in fields(ModelArgs)})
+# optimizer: AdamW with cosine decay after a linear warm-up
+learning_rate = 1e-3
+max_iters = 20000
+weight_decay = 0.1
+beta1 = 0.9
+beta2 = 0.95
+grad_clip = 1.0                 # 0 disables clipping (the norm is still computed and logged)
+decay_lr = True
+warmup_iters = 500
+lr_decay_iters = 20000          # ~= max_iters per Chinchilla-style schedules
+min_lr = 1e-4                   # ~= learning_rate / 10
+max_bad_steps = 5               # non-finite loss/grad steps in a row before giving up
+# system
+device = "auto"                 # 'auto' (cuda, else mps, else cpu), 'cpu', 'cuda', 'cuda:1', 'mps'
+dtype = "auto"                  # 'auto' (bfloat16 on CUDA if supported, else float32), 'float32', 'bfloat16'
+compile = None                  # torch.compile the model; None = on CUDA only, True/False to force
+use_checkpointing = False       # activation checkpointing per block: less memory, ~1/3 more compute
+use_liger = False               # Liger's fused linear cross-entropy (CUDA + liger-kernel installed)
+# -----------------------------------------------------------------------------
+from configurator import configure  # noqa: E402
+
+configure(globals())
+config = {k: v for k, v in globals().items()
+          if not k.startswith("_") and isinstance(v, (int, float, bool, str))}
+
+
+def die(msg):
+    print(f"error: {msg}", file=sys.stderr)
+    sys.exit(2)
+
+
+# ---- distributed setup -----------------------------------------------------------------------
+ddp = int(os.environ.get("RANK", -1)) != -1
+if ddp:
+    rank, local_rank, world_size = int(os.environ["RANK"]), int(os.environ["LOCAL_RANK"]), int(os.environ["WORLD_SIZE"])
+    if gradient_accumulation_steps % world_size:
+        die(f"gradient_accumulation_steps={gradient_accumulation_steps} is not divisible by the world size {world_size}")
+    gradient_accumulation_steps //= world_size
+else:
+    rank, local_rank, world_size = 0, 0, 1
+master = rank == 0
+
+# ---- device and precision --------------------------------------------------------------------
+if device == "auto":
+    device = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
+if device.startswith("cuda") and not torch.cuda.is_available():
+    die(f"device='{device}' but CUDA is not available (use --device=cpu or --device=auto)")
+if device == "mps" and not torch.backends.mps.is_available():
+    die("device='mps' but MPS is not available")
+if ddp and device.startswith("cuda"):
+    device = f"cuda:{local_rank}"
+    torch.cuda.set_device(device)
+device_type = "cuda" if device.startswith("cuda") else device
+if dtype == "auto":
+    dtype = "bfloat16" if device_type == "cuda" and torch.cuda.is_bf16_supported() else "float32"
+if dtype not in ("float32", "bfloat16"):
+    die(f"dtype='{dtype}' must be 'auto', 'float32' or 'bfloat16' (fp16 would need a grad scaler)")
+if dtype == "bfloat16" and device_type == "cuda" and not torch.cuda.is_bf16_supported():
+    die("dtype='bfloat16' but this GPU does not support it (use --dtype=float32)")
+if dtype == "bfloat16" and device_type == "mps":
+    die("dtype='bfloat16' is not supported here on MPS (use --dtype=float32)")
+if compile is None:
+    compile = device_type == "cuda"
+if not isinstance(compile, bool):
+    die(f"compile={compile!r} must be True, False or None (= on CUDA only)")
+if ddp:
+    dist.init_process_group(backend="nccl" if device_type == "cuda" else "gloo")
+torch.manual_seed(seed + rank)
+torch.backends.cuda.matmul.allow_tf32 = True
+torch.backends.cudnn.allow_tf32 = True
+# bf16 autocast on CUDA; on the CPU we train in plain fp32
+ctx = torch.autocast(device_type="cuda", dtype=torch.bfloat16) if dtype == "bfloat16" else nullcontext()
+
+# ---- data ------------------------------------------------------------------------------------
+for split in ("train", "val"):
+    path = os.path.join(data_dir, f"{split}.bin")
+    if not os.path.isfile(path):
+        die(f"{path} not found: run `python prepare.py` first (or --input FILES for local text)")
+    if os.path.getsize(path) % 2:
+        die(f"{path} is not a whole number of uint16 tokens (truncated?): re-run prepare.py")
+    if os.path.getsize(path) // 2 < block_size + 1:
+        die(f"{path} holds {os.path.getsize(path) // 2} tokens, fewer than block_size + 1 = {block_size + 1}")
+meta_path = os.path.join(data_dir, "meta.json")
+if os.path.isfile(meta_path):
+    try:
+        with open(meta_path) as f:
+            meta_vocab = int(json.load(f)["vocab_size"])
+    except (ValueError, KeyError, TypeError, OSError) as e:
+        die(f"{meta_path} is unreadable ({e}): re-run prepare.py")
+    if meta_vocab > vocab_size:
+        die(f"the data's vocabulary ({meta_vocab} tokens, {meta_path}) does not fit vocab_size={vocab_size}")
+tokens_per_iter = gradient_accumulation_steps * world_size * batch_size * block_size
+if batch_size * block_size > os.path.getsize(os.path.join(data_dir, "val.bin")) // 2:
+    print(f"note: a batch ({batch_size}x{block_size} tokens) is larger than val.bin; batches will overlap")
+
+
+def get_batch(split, it, micro):
+    """Batch number (it, micro) of the run: drawn from its own seeded generator, so a resumed run and
+    a run on any number of ranks see exactly the same batches in the same order."""
+    # re-open the memmap every batch: a long-lived np.memmap leaks memory (nanoGPT's note)
+    data = np.memmap(os.path.join(data_dir, f"{split}.bin"), dtype=np.uint16, mode="r")
+    key = ((seed * 2 + (split == "val")) * 1_000_003 + it + 1) * 65_537 + micro  # no hash(): it is salted
+    g = torch.Generator().manual_seed(key % 2**63)
+    ix = torch.randint(len(data) - block_size, (batch_size,), generator=g).tolist()
+    xy = np.stack([data[i:i + block_size + 1] for i in ix]).astype(np.int64)
+    if xy.max() >= vocab_size:
+        die(f"{split}.bin holds token id {xy.max()} >= vocab_size={vocab_size}: wrong data or tokenizer")
+    x, y = torch.from_numpy(xy[:, :-1]), torch.from_numpy(xy[:, 1:])
+    if device_type == "cuda":  # pinned memory lets the copy overlap with compute
+        return x.pin_memory().to(device, non_blocking=True), y.pin_memory().to(device, non_blocking=True)
+    return x.to(device), y.to(device)
+
+
+# ---- model -----------------------------------------------------------------------------------
+try:
+    margs = ModelArgs(**{f.name: globals()[f.name] for f in fields(ModelArgs)})
+except ValueError as e:
+    die(str(e))
+iter_num, best_val_loss, ckpt = 0, 1e9, None
+ckpt_path = os.path.join(out_dir, "ckpt.pt")
+if init_from == "scratch":
+    model = DeepSeekV3(margs)
+elif init_from == "resume":
+    try:
+        model, ckpt = load_checkpoint(ckpt_path)
+    except CheckpointError as e:
+        die(f"init_from='resume': {e}")
+    theirs, ours = asdict(model.args), asdict(margs)
+    diff = [k for k in ours if k != "moe_impl" and ours[k] != theirs.get(k)]
+    if diff:
+        die(f"{ckpt_path} is a different architecture than the config asks for: "
+            + ", ".join(f"{k}={theirs.get(k)!r} (config: {ours[k]!r})" for k in diff[:4]))
+    iter_num, best_val_loss = int(ckpt.get("iter_num", 0)), float(ckpt.get("best_val_loss", 1e9))
+else:
+    die(f"init_from='{init_from}' must be 'scratch' or 'resume'")
+model.to(device)
+model.use_checkpointing = use_checkpointing
+if use_liger:
+    try:
+        if device_type != "cuda":
+            raise ImportError("needs CUDA")
+        from liger_kernel.transformers import LigerFusedLinearCrossEntropyLoss
+        _flce = LigerFusedLinearCrossEntropyLoss()
+        model.fused_ce = lambda w, h, t: _flce(w, h, t)
+    except ImportError as e:
+        if master:
+            print(f"note: use_liger=True but Liger kernels are unavailable ({e}); using plain PyTorch")
+optimizer = model.configure_optimizers(weight_decay, learning_rate, (beta1, beta2), device_type)
+if ckpt is not None:
+    if "optimizer" in ckpt:
+        optimizer.load_state_dict(ckpt["optimizer"])
+    elif master:
+        print("note: the checkpoint has no optimizer state; starting a fresh optimizer")
+    if "rng" in ckpt:
+        torch.set_rng_state(ckpt["rng"]["torch"])
+        if device_type == "cuda" and ckpt["rng"].get("cuda") is not None:
+            torch.cuda.set_rng_state(ckpt["rng"]["cuda"], device)
+ckpt = None  # free the memory
+raw_model = model
+if compile:
+    if master:
+        print("compiling the model... (takes a minute)")
+    model = torch.compile(model)
+if ddp:
+    # broadcast_buffers=False: the expert biases are kept identical by the all-reduced update
+    # itself, and the token counters are per-rank until that all-reduce
+    model = DDP(model, device_ids=[local_rank] if device_type == "cuda" else None, broadcast_buffers=False)
+if master:
+    n = raw_model.get_num_params()
+    print(f"parameters: {n['total'] / 1e6:.2f}M total, {n['active'] / 1e6:.2f}M active per token, "
+          f"{n['embedding'] / 1e6:.2f}M embedding, {n['mtp'] / 1e6:.2f}M in MTP")
+    print(f"tokens per iteration: {tokens_per_iter:,} ({world_size} rank(s) x {gradient_accumulation_steps} "
+          f"micro-steps x {batch_size} x {block_size})")
+    os.makedirs(out_dir, exist_ok=True)
+
+
+@torch.no_grad()
+def estimate_loss():
+    """Mean main-model cross-entropy over eval_iters fixed batches per split (MTP not included)."""
+    out = {}
+    model.eval()
+    for split in ("train", "val"):
+        losses = torch.zeros(eval_iters, device=device)
+        for k in range(eval_iters):
+            X, Y = get_batch(split, -1, k * world_size + rank)  # the same eval batches every time
+            with ctx:
+                losses[k] = model(X, Y)[1]
+        if ddp:
+            dist.all_reduce(losses, op=dist.ReduceOp.AVG)
+        out[split] = losses.mean().item()
+    model.train()
+    return out
+
+
+def get_lr(it):
+    if not decay_lr:
+        return learning_rate
+    if it < warmup_iters:
+        return learning_rate * (it + 1) / (warmup_iters + 1)
+    if it > lr_decay_iters:
+        return min_lr
+    ratio = (it - warmup_iters) / max(1, lr_decay_iters - warmup_iters)
+    return min_lr + 0.5 * (1.0 + math.cos(math.pi * ratio)) * (learning_rate - min_lr)
+
+
+def save_checkpoint():
+    """Write to a temporary file, flush it to disk, then rename over the old one: a kill at any
+    moment leaves either the old or the new checkpoint, never half of one."""
+    ck = {"model": raw_model.state_dict(), "optimizer": optimizer.state_dict(), "model_args": asdict(raw_model.args),
+          "iter_num": iter_num, "best_val_loss": best_val_loss, "config": config,
+          "rng": {"torch": torch.get_rng_state(),
+                  "cuda": torch.cuda.get_rng_state(device) if device_type == "cuda" else None}}
+    tmp = ckpt_path + ".tmp"
+    with open(tmp, "wb") as f:
+        torch.save(ck, f)
+        f.flush()
+        os.fsync(f.fileno())
+    if keep_last and os.path.exists(ckpt_path):
+        os.replace(ckpt_path, os.path.join(out_dir, "ckpt.prev.pt"))
+    os.replace(tmp, ckpt_path)
+    print(f"saved checkpoint to {ckpt_path} (iter {iter_num})")
+
+
+def log(record):
+    with open(os.path.join(out_dir, "log.jsonl"), "a") as f:
+        f.write(json.dumps(record) + "\n")
+    if wandb_log:
+        wandb.log(record)
+
+
+# Ctrl-C or a cluster's SIGTERM: finish the current step, save, exit cleanly
+stop_signal = None
+
+
+def on_signal(signum, frame):
+    global stop_signal
+    stop_signal = signum
+
+
+signal.signal(signal.SIGINT, on_signal)
+signal.signal(signal.SIGTERM, on_signal)
+
+if wandb_log and master:
+    import wandb
+    wandb.init(project=wandb_project, name=wandb_run_name, config=config)
+
+# ---- the loop --------------------------------------------------------------------------------
+X, Y = get_batch("train", iter_num, rank * gradient_accumulation_steps)
+t0 = time.time()
+local_iter, bad_steps, running_mfu, maxvio = 0, 0, -1.0, None
+while True:
+    lr = get_lr(iter_num)
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+
+    if iter_num % eval_interval == 0:
+        losses = estimate_loss()  # every rank takes part (the losses are all-reduced)
+        if master:
+            print(f"step {iter_num}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}")
+            log({"iter": iter_num, "train/loss": losses["train"], "val/loss": losses["val"], "lr": lr})
+            if (losses["val"] < best_val_loss or always_save_checkpoint) and iter_num > 0:
+                best_val_loss = min(best_val_loss, losses["val"])
+                save_checkpoint()
+    if iter_num == 0 and eval_only:
+        break
+
+    loss_sum = torch.zeros((), device=device)
+    for micro in range(gradient_accumulation_steps):
+        if ddp:  # sync gradients only on the last micro-step
+            model.require_backward_grad_sync = micro == gradient_accumulation_steps - 1
+        with ctx:
+            _, loss = model(X, Y)
+            loss = loss / gradient_accumulation_steps
+        # prefetch the next batch while the GPU works on this one
+        nxt = micro + 1 < gradient_accumulation_steps
+        X, Y = get_batch("train", iter_num if nxt else iter_num + 1,
+                         rank * gradient_accumulation_steps + (micro + 1 if nxt else 0))
+        loss.backward()
+        loss_sum += loss.detach()
+    # the gradient norm (clipped if grad_clip > 0) also tells us whether the step is finite
+    norm = torch.nn.utils.clip_grad_norm_(raw_model.parameters(), grad_clip if grad_clip > 0 else float("inf"))
+    if torch.isfinite(norm):  # one host sync per step, like a grad scaler's
+        optimizer.step()
+        maxvio = raw_model.update_expert_bias()  # all-reduced counts: identical biases on every rank
+        bad_steps = 0
+    else:
+        bad_steps += 1
+        for m in raw_model.moe_layers():
+            m.tokens_per_expert.zero_()
+        if master:
+            print(f"iter {iter_num}: non-finite loss or gradient norm ({norm.item()}), step skipped "
+                  f"({bad_steps}/{max_bad_steps})")
+        if bad_steps >= max_bad_steps:
+            die(f"{bad_steps} non-finite steps in a row at iter {iter_num}; stopping. The last good "
+                f"checkpoint ({ckpt_path}) is untouched: lower learning_rate or check the data")
+    optimizer.zero_grad(set_to_none=True)
+
+    t1 = time.time()
+    dt, t0 = t1 - t0, t1
+    if iter_num % log_interval == 0:
+        if ddp:
+            dist.all_reduce(loss_sum, op=dist.ReduceOp.AVG)
+        if master:
+            lossf = loss_sum.item()
+            if local_iter >= 5:  # let the first iterations (compilation) pass
+                mfu = raw_model.estimate_mfu(tokens_per_iter / dt) if device_type == "cuda" else 0.0
+                running_mfu = mfu if running_mfu == -1.0 else 0.9 * running_mfu + 0.1 * mfu
+            mv = maxvio.item() if maxvio is not None and bad_steps == 0 else float("nan")
+            mfu_s = f"{running_mfu * 100:.1f}%" if running_mfu >= 0 and device_type == "cuda" else "n/a"
+            print(f"iter {iter_num}: loss {lossf:.4f}, lr {lr:.2e}, time {dt * 1000:.0f}ms, "
+                  f"{tokens_per_iter / dt:,.0f} tok/s, mfu {mfu_s}, "
+                  f"grad norm {norm.item():.3f}, maxvio {mv:.3f}")
+            log({"iter": iter_num, "train/loss_step": lossf, "lr": lr, "ms": dt * 1000,
+                 "tok_per_s": tokens_per_iter / dt, "mfu": running_mfu, "grad_norm": norm.item(), "maxvio": mv})
+    iter_num += 1
+    local_iter += 1
+
+    if stop_signal is not None:
+        if master:
+            print(f"received signal {stop_signal}: saving a checkpoint and exiting")
+            save_checkpoint()
+        break
+    if iter_num > max_iters:
+        if master and (always_save_checkpoint or not os.path.exists(ckpt_path)):
+            save_checkpoint()
+        break
+
+if ddp:
+    dist.destroy_process_group()
