@@ -1,0 +1,294 @@
+"""
+Benchmark the training step (the one train.py runs) on synthetic tokens, nanoGPT-bench style.
+    python bench.py                                   # the 16x4 flagship and its dense twin
+    python bench.py config/tinystories_debug.py --device=cpu --steps=3   # CPU smoke test
+Prints ms/step, tokens/s, MFU (against the H100's 989 TFLOP/s bf16 peak and against a matmul peak
+measured here), peak memory, and a breakdown of the step by part, each part timed on its own.
+With sample=True it also measures generation (prefill, cached decode, speculative decoding).
+"""
+
+import json
+import os
+import statistics
+import sys
+import time
+from contextlib import nullcontext
+from dataclasses import fields, replace
+
+import torch
+import torch.nn.functional as F
+
+from model import DeepSeekV3, ModelArgs
+
+# -----------------------------------------------------------------------------
+batch_size = 64
+seed = 1337
+device = "auto"
+dtype = "auto"             # bfloat16 on CUDA, float32 elsewhere
+compile = None             # None = on CUDA only
+steps = 30                 # timed steps (after warmup)
+warmup = 8
+twin = True                # also bench the dense twin (same active FFN width, no routing)
+breakdown = True           # time each part of the step on its own
+use_liger = False          # also bench with Liger's fused linear cross-entropy, if installed
+cudnn_first = True         # put cuDNN attention first in SDPA's priority (takes MLA's 96/64 dims)
+check = True               # on CUDA: grouped experts vs the loop reference, no-sync and fullgraph checks
+out_json = ""              # write all numbers here too
+peak_flops = 989e12        # H100 SXM bf16 dense
+globals().update({f.name: f.default for f in fields(ModelArgs)})
+# train.py knobs that config files set; accepted here so the same configs work, and unused
+out_dir = data_dir = wandb_project = wandb_run_name = ""
+gradient_accumulation_steps = max_iters = lr_decay_iters = eval_interval = eval_iters = log_interval = warmup_iters = 0
+learning_rate = min_lr = weight_decay = 0.0
+# -----------------------------------------------------------------------------
+from configurator import configure  # noqa: E402
+
+configure(globals())
+if device == "auto":
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+device_type = "cuda" if device.startswith("cuda") else "cpu"
+if dtype == "auto":
+    dtype = "bfloat16" if device_type == "cuda" else "float32"
+if compile is None:
+    compile = device_type == "cuda"
+torch.manual_seed(seed)
+torch.backends.cuda.matmul.allow_tf32 = True
+ctx = torch.autocast(device_type, dtype=torch.bfloat16) if dtype == "bfloat16" else nullcontext()
+if device_type == "cuda" and cudnn_first:
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    sdpa_ctx = lambda: sdpa_kernel([SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION,  # noqa: E731
+                                    SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH], set_priority=True)
+else:
+    sdpa_ctx = nullcontext
+base = ModelArgs(**{f.name: globals()[f.name] for f in fields(ModelArgs)})
+B, T = batch_size, base.block_size
+results = {"device": torch.cuda.get_device_name() if device_type == "cuda" else "cpu",
+           "torch": torch.__version__, "batch_size": B, "block_size": T}
+
+
+def sync():
+    if device_type == "cuda":
+        torch.cuda.synchronize()
+
+
+def timeit(fn, n=steps, w=warmup):
+    """Median ms of fn() over n runs after w warm-ups; CUDA events on the GPU."""
+    for _ in range(w):
+        fn()
+    sync()
+    ts = []
+    for _ in range(n):
+        if device_type == "cuda":
+            a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            a.record()
+            fn()
+            b.record()
+            b.synchronize()
+            ts.append(a.elapsed_time(b))
+        else:
+            t0 = time.perf_counter()
+            fn()
+            ts.append((time.perf_counter() - t0) * 1000)
+    return statistics.median(ts)
+
+
+def matmul_peak():
+    if device_type != "cuda":
+        return None
+    n = 8192
+    a, b = torch.randn(n, n, device=device, dtype=torch.bfloat16), torch.randn(n, n, device=device, dtype=torch.bfloat16)
+    ms = timeit(lambda: a @ b, n=20, w=5)
+    return 2 * n ** 3 / (ms / 1000)
+
+
+def make_step(args, liger=False):
+    """The train.py step: compiled model, autocast, fused AdamW, clipping, the finite check, the
+    expert-bias update."""
+    torch.manual_seed(seed)
+    model = DeepSeekV3(args).to(device)
+    if liger:
+        from liger_kernel.transformers import LigerFusedLinearCrossEntropyLoss
+        flce = LigerFusedLinearCrossEntropyLoss()
+        model.fused_ce = lambda w, h, t: flce(w, h, t)
+    opt = model.configure_optimizers(0.1, 1e-4, (0.9, 0.95), device_type)
+    fwd = torch.compile(model) if compile else model
+    g = torch.Generator(device="cpu").manual_seed(seed)
+    x = torch.randint(0, args.vocab_size, (B, T), generator=g).to(device)
+    y = torch.randint(0, args.vocab_size, (B, T), generator=g).to(device)
+
+    def step():
+        with ctx, sdpa_ctx():
+            _, loss = fwd(x, y)
+        loss.backward()
+        norm = torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        if torch.isfinite(norm):
+            opt.step()
+            model.update_expert_bias()
+        opt.zero_grad(set_to_none=True)
+    return model, opt, step, x, y
+
+
+def bench_step(name, args, liger=False):
+    model, opt, step, x, y = make_step(args, liger)
+    if device_type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    ms = timeit(step)
+    tok_s = B * T / (ms / 1000)
+    fpt = model.estimate_flops_per_token(T)
+    r = {"ms": ms, "tok_s": tok_s, "flops_per_token": fpt, "mfu": fpt * tok_s / peak_flops,
+         "params": model.get_num_params(),
+         "peak_mem_gb": torch.cuda.max_memory_allocated() / 1e9 if device_type == "cuda" else None}
+    if results.get("matmul_peak"):
+        r["mfu_vs_matmul"] = fpt * tok_s / results["matmul_peak"]
+    results[name] = r
+    print(f"{name}: {ms:.1f} ms/step, {tok_s:,.0f} tok/s, MFU {r['mfu'] * 100:.1f}%"
+          + (f", peak mem {r['peak_mem_gb']:.1f} GB" if r["peak_mem_gb"] else ""), flush=True)
+    return model, opt, step, x
+
+
+def part_timings(model, opt, step, x):
+    """Time each part of the step on its own (compiled, fwd+bwd, the step's shapes), times how often
+    it runs per step; 'other' = the whole step minus the parts (norms, residuals, embedding, glue)."""
+    a = model.args
+    cc = (lambda f: torch.compile(f)) if compile else (lambda f: f)
+    h = torch.randn(B, T, a.n_embd, device=device, requires_grad=True)
+    cos, sin = model.rope_cos[:T], model.rope_sin[:T]
+    n_blocks = a.n_layer + a.mtp_depth
+    parts = {}
+
+    timeit_ = lambda f: timeit(f, n=10, w=3)  # noqa: E731
+
+    def fb(f):
+        def run():
+            with ctx, sdpa_ctx():
+                out = f()
+            out.float().square().mean().backward()
+        return run
+    blk = model.blocks[-1]
+    attn = cc(lambda: blk.attn(blk.attn_norm(h), cos, sin))
+    parts["attention (MLA)"] = timeit_(fb(attn)) * n_blocks
+    if a.n_routed_experts > 0:
+        moe = blk.ffn
+        n_moe = a.n_layer - a.n_dense_layers + a.mtp_depth
+        moe_all = timeit_(fb(cc(lambda: moe(h)[0]))) * n_moe
+        # the routed experts alone: three grouped matmuls on tokens already sorted, balanced load
+        N = B * T * a.n_activated_experts
+        xs = torch.randn(N, a.n_embd, device=device, dtype=torch.bfloat16 if dtype == "bfloat16" else torch.float32,
+                         requires_grad=True)
+        offs = torch.arange(1, a.n_routed_experts + 1, device=device, dtype=torch.int32) * (N // a.n_routed_experts)
+        dt = xs.dtype
+
+        def experts():
+            w1, w3, w2 = moe.w1.to(dt), moe.w3.to(dt), moe.w2.to(dt)
+            hh = F.silu(torch._grouped_mm(xs, w1.transpose(-2, -1), offs=offs)) * \
+                torch._grouped_mm(xs, w3.transpose(-2, -1), offs=offs)
+            return torch._grouped_mm(hh, w2.transpose(-2, -1), offs=offs)
+        ex = timeit_(fb(cc(experts))) * n_moe if device_type == "cuda" else 0.0
+        sh = timeit_(fb(cc(lambda: moe.shared(h)))) * n_moe if moe.shared is not None else 0.0
+        parts["routed experts (grouped_mm)"] = ex
+        parts["shared experts"] = sh
+        parts["router + dispatch + combine"] = moe_all - ex - sh
+        n_dense = a.n_dense_layers
+    else:
+        n_dense = a.n_layer + a.mtp_depth
+    if n_dense:
+        dense = next(b for b in list(model.blocks) + [m.block for m in model.mtp] if not b.is_moe).ffn
+        parts["dense MLP"] = timeit_(fb(cc(lambda: dense(h)))) * n_dense
+    tgt = torch.randint(0, a.vocab_size, (B, T), device=device)
+    head = cc(lambda: model.lm_loss(model.norm(h), tgt)[1])
+    parts["output head + loss"] = timeit_(fb(head)) * (1 + a.mtp_depth)
+
+    def opt_step():
+        for p in model.parameters():
+            p.grad = torch.zeros_like(p)
+        opt.step()
+        model.update_expert_bias()
+    parts["optimizer + bias update"] = timeit_(opt_step)
+    total = timeit(step, n=10, w=2)
+    parts["other (norms, residuals, embedding, glue)"] = total - sum(parts.values())
+    return total, parts
+
+
+def checks(args):
+    """Correctness and compile-hygiene checks that need the GPU."""
+    out = {}
+    a = replace(args, n_layer=2, mtp_depth=1)
+    from model import MoE
+    torch.manual_seed(0)
+    moe = MoE(a).to(device)
+    ref = MoE(replace(a, moe_impl="loop")).to(device)
+    ref.load_state_dict(moe.state_dict())
+    x = torch.randn(8, 256, a.n_embd, device=device)
+    for name, m in (("grouped", moe), ("loop", ref)):
+        xx = x.clone().requires_grad_(True)
+        with ctx:
+            yy = m(xx)[0]
+        yy.float().square().mean().backward()
+        out[name] = (yy.float(), xx.grad.clone(), m.w1.grad.clone())
+    rel = lambda p, q: ((p - q).norm() / q.norm()).item()  # noqa: E731
+    out_rel = {"y": rel(out["grouped"][0], out["loop"][0]), "dx": rel(out["grouped"][1], out["loop"][1]),
+               "dw1": rel(out["grouped"][2], out["loop"][2])}
+    print(f"check: grouped vs loop (bf16 autocast) rel err y {out_rel['y']:.2e}, dx {out_rel['dx']:.2e}, "
+          f"dw1 {out_rel['dw1']:.2e}")
+    # fullgraph compile of the training forward+backward, and no host syncs in it
+    model = DeepSeekV3(a).to(device)
+    cm = torch.compile(model, fullgraph=True)
+    xi = torch.randint(0, a.vocab_size, (4, 128), device=device)
+    for i in range(3):
+        if i == 2:
+            torch.cuda.set_sync_debug_mode("error")
+        try:
+            with ctx, sdpa_ctx():
+                loss = cm(xi, xi)[1]
+            loss.backward()
+            model.update_expert_bias()
+        finally:
+            torch.cuda.set_sync_debug_mode(0)
+    print("check: torch.compile(fullgraph=True) fwd+bwd OK; no host sync in fwd+bwd+bias update")
+    return {"grouped_vs_loop_rel": out_rel, "fullgraph": True, "no_sync": True}
+
+
+if __name__ == "__main__":
+    if device_type == "cuda":
+        results["matmul_peak"] = matmul_peak()
+        print(f"device: {results['device']}, torch {torch.__version__}, bf16 matmul peak "
+              f"{results['matmul_peak'] / 1e12:.0f} TFLOP/s", flush=True)
+        if check:
+            try:
+                results["checks"] = checks(base)
+            except Exception as e:  # report, and still measure
+                print(f"check FAILED: {type(e).__name__}: {str(e)[:2000]}", flush=True)
+                results["checks"] = {"error": f"{type(e).__name__}: {str(e)[:500]}"}
+    model, opt, step, x = bench_step("moe", base)
+    if breakdown:
+        total, parts = part_timings(model, opt, step, x)
+        results["moe_breakdown"] = parts
+        for k, v in parts.items():
+            print(f"    {k:<42s} {v:7.2f} ms  {100 * v / total:5.1f}%")
+    del model, opt, step
+    if use_liger:
+        try:
+            bench_step("moe_liger", base, liger=True)
+        except ImportError as e:
+            print(f"liger: not installed ({e})")
+    if twin and base.n_routed_experts > 0:
+        width = (base.n_shared_experts + base.n_activated_experts) * base.moe_inter_dim
+        twin_args = replace(base, n_routed_experts=0, n_shared_experts=0, inter_dim=width, n_dense_layers=base.n_layer)
+        model, opt, step, x = bench_step("dense_twin", twin_args)
+        if breakdown:
+            total, parts = part_timings(model, opt, step, x)
+            results["twin_breakdown"] = parts
+        del model, opt, step
+        print(f"moe / dense twin throughput: {results['moe']['tok_s'] / results['dense_twin']['tok_s']:.3f}")
+    if out_json:
+        with open(out_json, "w") as f:
+            json.dump(results, f, indent=1)
+    # the table, last
+    print(f"\n| model | ms/step | tokens/s | MFU (989T) | MFU (measured matmul peak) | peak mem |")
+    print("|---|---|---|---|---|---|")
+    for k in ("moe", "moe_liger", "dense_twin"):
+        if k in results:
+            r = results[k]
+            mm = f"{r['mfu_vs_matmul'] * 100:.1f}%" if r.get("mfu_vs_matmul") else "n/a"
+            mem = f"{r['peak_mem_gb']:.1f} GB" if r["peak_mem_gb"] else "n/a"
+            print(f"| {k} | {r['ms']:.1f} | {r['tok_s']:,.0f} | {r['mfu'] * 100:.1f}% | {mm} | {mem} |")
