@@ -2,8 +2,8 @@
 # "16x4" = 16 routed experts per MoE layer, 4 of them active per token (plus 1 always-on shared
 # expert). 8 layers (the first dense, 7 MoE), MLA with q/kv latents of 192/128, MTP depth 1.
 # Parameters (model.py's get_num_params, checked in tests/test_model.py):
-#   123.93M total without MTP, of which 25.76M token embedding and 25.76M output head;
-#   55.66M active per token (embedding included); the MTP module adds 9.73M.
+#   123.85M total without MTP (25.76M of it the token embedding, 25.76M the output head);
+#   78.43M active per token (52.68M without the embedding); the MTP module adds 10.45M.
 # Train:  python train.py config/tinystories_16x4.py --batch_size=16
 out_dir = "out-tinystories"
 data_dir = "data/tinystories"
