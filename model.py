@@ -323,6 +323,37 @@ class GroupedLinear(torch.autograd.Function):
         return dx, dw, None
 
 
+class Permute(torch.autograd.Function):
+    """y = x[perm] for a permutation perm with inverse inv. Autograd would treat perm as any index
+    and scatter-add the gradient (a zero fill plus atomics); for a permutation it is a gather."""
+
+    @staticmethod
+    def forward(ctx, x, perm, inv):
+        ctx.save_for_backward(inv)
+        return x[perm]
+
+    @staticmethod
+    def backward(ctx, dy):
+        (inv,) = ctx.saved_tensors
+        return dy[inv], None, None
+
+
+class Dispatch(torch.autograd.Function):
+    """xs = x[order // K]: each token copied to its K slots, sorted by expert. Backward: put the rows
+    back in slot order with the inverse permutation (a gather) and sum each token's K rows."""
+
+    @staticmethod
+    def forward(ctx, x, order, inv, K):
+        ctx.save_for_backward(inv)
+        ctx.K = K
+        return x[order // K]
+
+    @staticmethod
+    def backward(ctx, dxs):
+        (inv,) = ctx.saved_tensors
+        return dxs[inv].view(-1, ctx.K, dxs.shape[-1]).sum(1), None, None, None
+
+
 class MoE(nn.Module):
     def __init__(self, args: ModelArgs):
         super().__init__()
@@ -382,11 +413,11 @@ class MoE(nn.Module):
     def run_grouped(self, x, w, idx, counts):
         # sort the (token, slot) pairs by expert, run each expert on its contiguous rows, unsort
         K = idx.shape[1]
-        flat = idx.flatten()
-        order = flat.argsort(stable=True)
+        order = idx.flatten().argsort(stable=True)   # row r of the sorted batch is slot order[r]
+        inv = torch.empty_like(order).scatter_(0, order, torch.arange(order.numel(), device=x.device))
         offs = counts.cumsum(0).to(torch.int32)
         dt = torch.get_autocast_dtype("cuda") if x.is_cuda and torch.is_autocast_enabled("cuda") else x.dtype
-        xs = x[order // K].to(dt)
+        xs = Dispatch.apply(x.to(dt), order, inv, K)
         w1, w3, w2 = self.w1.to(dt), self.w3.to(dt), self.w2.to(dt)
         if x.is_cuda:  # native autograd on CUDA
             h = F.silu(torch._grouped_mm(xs, w1.transpose(-2, -1), offs=offs)) * \
@@ -395,8 +426,7 @@ class MoE(nn.Module):
         else:
             h = F.silu(GroupedLinear.apply(xs, w1, offs)) * GroupedLinear.apply(xs, w3, offs)
             ys = GroupedLinear.apply(h, w2, offs)
-        inv = torch.empty_like(order).scatter_(0, order, torch.arange(order.numel(), device=x.device))
-        y = ys[inv].view(-1, K, x.shape[1])                                     # back to (N, k, d)
+        y = Permute.apply(ys, inv, order).view(-1, K, x.shape[1])                # back to (N, k, d)
         return (y.float() * w.unsqueeze(-1)).sum(1).type_as(x)
 
     def run_dense(self, x, w, idx):

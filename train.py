@@ -204,7 +204,7 @@ raw_model = model
 if compile:
     if master:
         print("compiling the model... (takes a minute)")
-    model = torch.compile(model)
+    model = torch.compile(model, dynamic=False)  # fixed shapes: no recompiles into dynamic ones
 if ddp:
     # broadcast_buffers=False: the expert biases are kept identical by the all-reduced update
     # itself, and the token counters are per-rank until that all-reduce
