@@ -8,15 +8,12 @@ With sample=True it also measures generation (prefill, cached decode, speculativ
 """
 
 import json
-import os
 import statistics
-import sys
 import time
 from contextlib import nullcontext
 from dataclasses import fields, replace
 
 import torch
-import torch.nn.functional as F
 
 from model import DeepSeekV3, ModelArgs
 
@@ -32,6 +29,7 @@ twin = True                # also bench the dense twin (same active FFN width, n
 breakdown = True           # time each part of the step on its own
 use_liger = False          # also bench with Liger's fused linear cross-entropy, if installed
 cudnn_first = False        # put cuDNN attention first in SDPA's priority (takes MLA's 96/64 dims)
+finite_check = True        # train.py's per-step isfinite(grad norm) test (one host sync per step)
 check = True               # on CUDA: grouped experts vs the loop reference, no-sync and fullgraph checks
 out_json = ""              # write all numbers here too
 profile_file = ""          # write a torch.profiler table of the 16x4 step's kernels here
@@ -110,7 +108,8 @@ def make_step(args, liger=False):
     if liger:
         from liger_kernel.transformers import LigerFusedLinearCrossEntropyLoss
         flce = LigerFusedLinearCrossEntropyLoss()
-        model.fused_ce = lambda w, h, t: flce(w, h, t)
+        # Liger's kernels don't trace under torch.compile (2.11): run them eagerly inside the graph
+        model.fused_ce = torch.compiler.disable(lambda w, h, t: flce(w, h, t))
     opt = model.configure_optimizers(0.1, 1e-4, (0.9, 0.95), device_type)
     fwd = torch.compile(model, dynamic=False) if compile else model
     g = torch.Generator(device="cpu").manual_seed(seed)
@@ -122,7 +121,7 @@ def make_step(args, liger=False):
             _, loss = fwd(x, y)
         loss.backward()
         norm = torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        if torch.isfinite(norm):
+        if not finite_check or torch.isfinite(norm):
             opt.step()
             model.update_expert_bias()
         opt.zero_grad(set_to_none=True)
@@ -161,73 +160,54 @@ def bench_step(name, args, liger=False):
     return model, opt, step, x
 
 
-def part_timings(model, opt, step, x):
-    """Time each part of the step on its own (compiled, fwd+bwd, the step's shapes), times how often
-    it runs per step; 'other' = the whole step minus the parts (norms, residuals, embedding, glue)."""
+def part_timings(model, step):
+    """Where the GPU time of the real step goes, from a profile of 3 steps: GEMMs and attention are
+    attributed by the aten op that launched them (and its shapes), the fused Triton kernels by name."""
+    from torch.profiler import ProfilerActivity, profile
     a = model.args
-    cc = (lambda f: torch.compile(f, dynamic=False)) if compile else (lambda f: f)
-    h = torch.randn(B, T, a.n_embd, device=device, requires_grad=True)
-    cos, sin = model.rope_cos[:T], model.rope_sin[:T]
-    n_blocks = a.n_layer + a.mtp_depth
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA], record_shapes=True) as prof:
+        for _ in range(3):
+            step()
+        sync()
+    dense_dims = {a.inter_dim, 2 * a.inter_dim}
+    shared_dims = {a.n_shared_experts * a.moe_inter_dim, 2 * a.n_shared_experts * a.moe_inter_dim}
+    gemm_like = ("gemm", "nvjet", "cutlass", "xmma", "cudnn", "fmha", "flash", "attention", "splitk")
     parts = {}
 
-    def timeit_(f):
-        try:
-            return timeit(f, n=10, w=3)
-        except Exception as e:  # a compile failure in one part must not sink the whole report
-            print(f"    (part failed to compile: {type(e).__name__}: {str(e).strip()[:100]}; timing it eagerly)")
-            with torch.compiler.set_stance("force_eager"):
-                return timeit(f, n=10, w=3)
-
-    def fb(f):
-        def run():
-            with ctx, sdpa_ctx():
-                out = f()
-            out.float().square().mean().backward()
-        return run
-    blk = model.blocks[-1]
-    attn = cc(lambda: blk.attn(blk.attn_norm(h), cos, sin))
-    parts["attention (MLA)"] = timeit_(fb(attn)) * n_blocks
-    if a.n_routed_experts > 0:
-        moe = blk.ffn
-        n_moe = a.n_layer - a.n_dense_layers + a.mtp_depth
-        moe_all = timeit_(fb(cc(lambda: moe(h)[0]))) * n_moe
-        # the routed experts alone: three grouped matmuls on tokens already sorted, balanced load
-        N = B * T * a.n_activated_experts
-        xs = torch.randn(N, a.n_embd, device=device, dtype=torch.bfloat16 if dtype == "bfloat16" else torch.float32,
-                         requires_grad=True)
-        offs = torch.arange(1, a.n_routed_experts + 1, device=device, dtype=torch.int32) * (N // a.n_routed_experts)
-        dt = xs.dtype
-
-        def experts():
-            w1, w3, w2 = moe.w1.to(dt), moe.w3.to(dt), moe.w2.to(dt)
-            hh = F.silu(torch._grouped_mm(xs, w1.transpose(-2, -1), offs=offs)) * \
-                torch._grouped_mm(xs, w3.transpose(-2, -1), offs=offs)
-            return torch._grouped_mm(hh, w2.transpose(-2, -1), offs=offs)
-        ex = timeit_(fb(cc(experts))) * n_moe if device_type == "cuda" else 0.0
-        sh = timeit_(fb(cc(lambda: moe.shared(h)))) * n_moe if moe.shared is not None else 0.0
-        parts["routed experts (grouped_mm)"] = ex
-        parts["shared experts"] = sh
-        parts["router + dispatch + combine"] = moe_all - ex - sh
-        n_dense = a.n_dense_layers
-    else:
-        n_dense = a.n_layer + a.mtp_depth
-    if n_dense:
-        dense = next(b for b in list(model.blocks) + [m.block for m in model.mtp] if not b.is_moe).ffn
-        parts["dense MLP"] = timeit_(fb(cc(lambda: dense(h)))) * n_dense
-    tgt = torch.randint(0, a.vocab_size, (B, T), device=device)
-    head = cc(lambda: model.lm_loss(model.norm(h), tgt)[1])
-    parts["output head + loss"] = timeit_(fb(head)) * (1 + a.mtp_depth)
-
-    def opt_step():
-        for p in model.parameters():
-            p.grad = torch.zeros_like(p)
-        opt.step()
-        model.update_expert_bias()
-    parts["optimizer + bias update"] = timeit_(opt_step)
-    total = timeit(step, n=10, w=2)
-    parts["other (norms, residuals, embedding, glue)"] = total - sum(parts.values())
-    return total, parts
+    def add(k, us):
+        parts[k] = parts.get(k, 0.0) + us / 3000.0  # us over 3 steps -> ms per step
+    for e in prof.events():
+        if e.device_type.name == "CPU" and e.kernels and e.name.startswith("aten::"):
+            dims = {d for s in (e.input_shapes or []) for d in (s or [])}
+            if "attention" in e.name or "sdpa" in e.name:
+                k = "attention core (SDPA)"
+            elif e.name == "aten::_grouped_mm":
+                k = "routed experts (grouped_mm)"
+            elif e.name in ("aten::mm", "aten::addmm", "aten::bmm", "aten::linear", "aten::matmul"):
+                k = ("output head (GEMMs)" if a.vocab_size in dims else
+                     "router GEMM" if a.n_routed_experts and a.n_routed_experts in dims else
+                     "dense MLP GEMMs" if dims & dense_dims else
+                     "shared expert GEMMs" if a.n_routed_experts and dims & shared_dims else
+                     "attention + MTP projections (GEMMs)")
+            elif "sort" in e.name or "topk" in e.name:
+                k = "router: top-k and sort"
+            elif "adam" in e.name or "foreach" in e.name:
+                k = "optimizer"
+            else:
+                continue
+            for kern in e.kernels:
+                add(k, kern.duration)
+        elif e.device_type.name == "CUDA" and not any(g in e.name.lower() for g in gemm_like):
+            n = e.name.lower()
+            if "sort" in n or "topk" in n:
+                continue  # counted through their aten ops above
+            if "multi_tensor_apply" in n:
+                continue
+            k = ("cross-entropy (fused Triton)" if "log_softmax" in n else
+                 "elementwise: norms, RoPE, SiLU, dispatch/combine, casts (Triton)" if n.startswith("triton") else
+                 "other kernels (copies, fills, reductions)")
+            add(k, e.device_time_total if hasattr(e, "device_time_total") else e.cuda_time_total)
+    return dict(sorted(parts.items(), key=lambda kv: -kv[1]))
 
 
 def checks(args):
@@ -290,11 +270,16 @@ if __name__ == "__main__":
             sync()
         with open(profile_file, "w") as f:
             f.write(prof.key_averages().table(sort_by="cuda_time_total", row_limit=60, max_name_column_width=90))
-    if breakdown:
-        total, parts = part_timings(model, opt, step, x)
-        results["moe_breakdown"] = parts
-        for k, v in parts.items():
-            print(f"    {k:<42s} {v:7.2f} ms  {100 * v / total:5.1f}%")
+    if breakdown and device_type == "cuda":
+        try:
+            parts = part_timings(model, step)
+            results["moe_breakdown"] = parts
+            total = sum(parts.values())
+            print(f"  GPU time by part (profiled, {total:.1f} ms of kernels per step):")
+            for k, v in parts.items():
+                print(f"    {k:<66s} {v:7.2f} ms  {100 * v / total:5.1f}%")
+        except Exception as e:
+            print(f"  breakdown failed: {type(e).__name__}: {str(e)[:300]}")
     del model, opt, step
     if use_liger:
         try:
@@ -307,9 +292,13 @@ if __name__ == "__main__":
         width = (base.n_shared_experts + base.n_activated_experts) * base.moe_inter_dim
         twin_args = replace(base, n_routed_experts=0, n_shared_experts=0, inter_dim=width, n_dense_layers=base.n_layer)
         model, opt, step, x = bench_step("dense_twin", twin_args)
-        if breakdown:
-            total, parts = part_timings(model, opt, step, x)
-            results["twin_breakdown"] = parts
+        if breakdown and device_type == "cuda":
+            try:
+                results["twin_breakdown"] = part_timings(model, step)
+                for k, v in results["twin_breakdown"].items():
+                    print(f"    {k:<66s} {v:7.2f} ms")
+            except Exception as e:
+                print(f"  breakdown failed: {type(e).__name__}: {str(e)[:300]}")
         del model, opt, step
         print(f"moe / dense twin throughput: {results['moe']['tok_s'] / results['dense_twin']['tok_s']:.3f}")
     if out_json:

@@ -186,7 +186,9 @@ class MLP(nn.Module):
         self.w2 = nn.Linear(hidden, dim, bias=False)
 
     def forward(self, x):
-        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+        # one matmul for both input projections: a wider GEMM runs closer to the GPU's peak
+        a, b = F.linear(x, torch.cat([self.w1.weight, self.w3.weight])).chunk(2, dim=-1)
+        return self.w2(F.silu(a) * b)
 
 
 # -----------------------------------------------------------------------------
@@ -418,16 +420,18 @@ class MoE(nn.Module):
         offs = counts.cumsum(0).to(torch.int32)
         dt = torch.get_autocast_dtype("cuda") if x.is_cuda and torch.is_autocast_enabled("cuda") else x.dtype
         xs = Dispatch.apply(x.to(dt), order, inv, K)
-        w1, w3, w2 = self.w1.to(dt), self.w3.to(dt), self.w2.to(dt)
+        w13 = torch.cat([self.w1, self.w3], dim=1).to(dt)  # both input projections in one GEMM
+        w2 = self.w2.to(dt)
+        ws = w.flatten()[order].unsqueeze(-1)              # each sorted row's gate weight
         if x.is_cuda:  # native autograd on CUDA
-            h = F.silu(torch._grouped_mm(xs, w1.transpose(-2, -1), offs=offs)) * \
-                torch._grouped_mm(xs, w3.transpose(-2, -1), offs=offs)
-            ys = torch._grouped_mm(h, w2.transpose(-2, -1), offs=offs)
+            a, b = torch._grouped_mm(xs, w13.transpose(-2, -1), offs=offs).chunk(2, dim=-1)
+            # scale by the gate weight before the down-projection: W2(g h) = g W2(h), on fewer dims
+            ys = torch._grouped_mm((F.silu(a) * b * ws).to(dt), w2.transpose(-2, -1), offs=offs)
         else:
-            h = F.silu(GroupedLinear.apply(xs, w1, offs)) * GroupedLinear.apply(xs, w3, offs)
-            ys = GroupedLinear.apply(h, w2, offs)
+            a, b = GroupedLinear.apply(xs, w13, offs).chunk(2, dim=-1)
+            ys = GroupedLinear.apply((F.silu(a) * b * ws).to(dt), w2, offs)
         y = Permute.apply(ys, inv, order).view(-1, K, x.shape[1])                # back to (N, k, d)
-        return (y.float() * w.unsqueeze(-1)).sum(1).type_as(x)
+        return y.sum(1, dtype=torch.float32).type_as(x)
 
     def run_dense(self, x, w, idx):
         # every expert on every token, zero weight where not picked: E/k times the work, but no

@@ -185,7 +185,8 @@ if use_liger:
             raise ImportError("needs CUDA")
         from liger_kernel.transformers import LigerFusedLinearCrossEntropyLoss
         _flce = LigerFusedLinearCrossEntropyLoss()
-        model.fused_ce = lambda w, h, t: _flce(w, h, t)
+        # Liger's kernels don't trace under torch.compile (torch 2.11): they run eagerly in the graph
+        model.fused_ce = torch.compiler.disable(lambda w, h, t: _flce(w, h, t))
     except ImportError as e:
         if master:
             print(f"note: use_liger=True but Liger kernels are unavailable ({e}); using plain PyTorch")
