@@ -170,11 +170,18 @@ elif init_from == "resume":
     except CheckpointError as e:
         die(f"init_from='resume': {e}")
     theirs, ours = asdict(model.args), asdict(margs)
-    diff = [k for k in ours if k != "moe_impl" and ours[k] != theirs.get(k)]
+    # training-only knobs may change on resume (fine-tuning); so may the YaRN knobs while YaRN is off
+    free = {"moe_impl", "dropout", "bias_update_speed", "seq_aux_alpha", "noisy_topk", "noise_std", "mtp_lambda"}
+    if ours["rope_factor"] == 1.0 and theirs["rope_factor"] == 1.0:
+        free |= {"original_seq_len", "beta_fast", "beta_slow", "mscale"}
+    diff = [k for k in ours if k not in free and ours[k] != theirs.get(k)]
     if diff:
         die(f"{ckpt_path} is a different architecture than the config asks for: "
             + ", ".join(f"{k}={theirs.get(k)!r} (config: {ours[k]!r})" for k in diff[:4]))
     iter_num, best_val_loss = int(ckpt.get("iter_num", 0)), float(ckpt.get("best_val_loss", 1e9))
+    if asdict(model.args) != ours:  # same architecture, new training knobs: rebuild with this run's
+        sd, model = model.state_dict(), DeepSeekV3(margs)
+        model.load_state_dict(sd)
 else:
     die(f"init_from='{init_from}' must be 'scratch' or 'resume'")
 model.to(device)
