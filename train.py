@@ -101,8 +101,8 @@ if dtype not in ("float32", "bfloat16"):
     die(f"dtype='{dtype}' must be 'auto', 'float32' or 'bfloat16' (fp16 would need a grad scaler)")
 if dtype == "bfloat16" and device_type == "cuda" and not torch.cuda.is_bf16_supported():
     die("dtype='bfloat16' but this GPU does not support it (use --dtype=float32)")
-if dtype == "bfloat16" and device_type == "mps":
-    die("dtype='bfloat16' is not supported here on MPS (use --dtype=float32)")
+if dtype == "bfloat16" and device_type != "cuda":
+    die(f"dtype='bfloat16' is supported on CUDA only; on {device_type} train in float32 (--dtype=float32)")
 if compile is None:
     compile = device_type == "cuda"
 if not isinstance(compile, bool):
@@ -313,7 +313,7 @@ while True:
             if (losses["val"] < best_val_loss or always_save_checkpoint) and iter_num > 0:
                 best_val_loss = min(best_val_loss, losses["val"])
                 save_checkpoint()
-    if iter_num == 0 and eval_only:
+    if (iter_num == 0 and eval_only) or iter_num > max_iters:
         break
 
     loss_sum = torch.zeros((), device=device)
@@ -372,10 +372,17 @@ while True:
             print(f"received signal {stop_signal}: saving a checkpoint and exiting")
             save_checkpoint()
         break
-    if iter_num > max_iters:
-        if master and (always_save_checkpoint or not os.path.exists(ckpt_path)):
-            save_checkpoint()
-        break
+
+if master and stop_signal is None and not eval_only and (always_save_checkpoint or not os.path.exists(ckpt_path)):
+    save_checkpoint()  # the end of the run
 
 if ddp:
+    # the bias update is all-reduced, so every rank must hold the same expert biases: check it
+    biases = torch.cat([m.gate.bias for m in raw_model.moe_layers()] or [torch.zeros(1, device=device)])
+    spread = biases.clone()
+    dist.all_reduce(spread, op=dist.ReduceOp.MAX)
+    low = biases.clone()
+    dist.all_reduce(low, op=dist.ReduceOp.MIN)
+    if master:
+        print(f"expert biases identical on all {world_size} ranks: {bool(torch.equal(spread, low))}")
     dist.destroy_process_group()
