@@ -722,8 +722,8 @@ def load_checkpoint(path, map_location="cpu"):
     try:
         ckpt = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as e:  # truncated, corrupt, or not a torch file at all
-        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise CheckpointError(f"checkpoint {path} is unreadable (truncated or corrupt?): {msg[:200]}") from None
+        msg = str(e).strip().splitlines()[0].split(". ")[0] if str(e).strip() else type(e).__name__
+        raise CheckpointError(f"checkpoint {path} is unreadable (truncated or corrupt?): {msg[:160]}") from None
     if not isinstance(ckpt, dict) or "model" not in ckpt or "model_args" not in ckpt:
         raise CheckpointError(f"{path} is not a checkpoint of this project (no 'model'/'model_args')")
     names = {f.name for f in fields(ModelArgs)}
