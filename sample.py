@@ -1,0 +1,524 @@
+"""
+Write stories with a trained DeepSeek-V3 (train.py's out_dir/ckpt.pt):
+
+    python sample.py --start="Once upon a time"
+    python sample.py --start=FILE:prompt.txt --num_samples=4 --temperature=0.7 --top_p=0.9
+    python sample.py --speculative=True --verbose=True      # MTP drafts, the main model verifies
+
+Generation runs on MLA's compressed cache: the prompt is prefilled once, then every step feeds
+only the newest token(s) with model.forward_cached(idx, cache, start_pos). Past block_size the
+window slides: the last block_size // 2 tokens are prefilled again at positions 0.. (the model's
+own semantics for a cropped context, like nanoGPT's crop, but in jumps so the cache stays usable).
+
+The functions are importable (a benchmark uses them): filter_logits, generate,
+generate_speculative, speculative_accept, compile_for_decoding. The command line is at the bottom.
+
+Measured once on an H100 (flagship ModelArgs, bf16 weights, eager, greedy, 200-256 new tokens):
+decode ~50 tokens/s at batch 1 and ~750-900 at batch 16; the 1-token step is bound by kernel
+launches (~740 per step, ~1.6 ms of GPU work in ~20 ms), not by the GPU. Speculative sampling with
+~45% of the drafts accepted ran 1.36x faster at batch 1; with drafts never accepted it costs ~15%.
+"""
+
+import codecs
+import os
+import sys
+import time
+
+import torch
+
+from model import CheckpointError, load_checkpoint
+
+EOT = 50256  # GPT-2's <|endoftext|>: every TinyStories story is followed by it (prepare.py)
+
+
+# -----------------------------------------------------------------------------
+# turning logits into tokens
+
+def filter_logits(logits, top_k=None, top_p=None):
+    """Set to -inf every logit that top-k or nucleus (top-p) filtering removes, in that order.
+    top_k: keep the k largest (a value tied with the k-th largest is kept too, as in nanoGPT);
+    top_p: then keep the smallest set of most likely tokens whose probability adds up to >= top_p
+    (the most likely token always stays). None (or top_p=1) turns a filter off. logits: (..., V)."""
+    if top_k is not None and top_k < logits.shape[-1]:
+        kth = torch.topk(logits, top_k, dim=-1).values[..., -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p is not None and top_p < 1.0:
+        sorted_logits, order = logits.sort(dim=-1, descending=True)
+        probs = sorted_logits.float().softmax(dim=-1)
+        mass_before = probs.cumsum(dim=-1) - probs       # probability of the tokens ranked above
+        drop_sorted = mass_before >= top_p                # the set reached top_p without this one
+        drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
+        logits = logits.masked_fill(drop, float("-inf"))
+    return logits
+
+
+def _logits_of(logits, vocab_size):
+    """fp32 logits with the padded ids (>= vocab_size, e.g. 50257..50303) made impossible."""
+    logits = logits.float()
+    if vocab_size is not None and vocab_size < logits.shape[-1]:
+        logits = logits.masked_fill(torch.arange(logits.shape[-1], device=logits.device) >= vocab_size,
+                                    float("-inf"))
+    return logits
+
+
+def _probs(logits, temperature, top_k, top_p):
+    """The distribution a token is drawn from: temperature, then top-k, then top-p. (B, V) fp32."""
+    return filter_logits(logits / temperature, top_k, top_p).softmax(dim=-1)
+
+
+def _draw(probs, generator=None):
+    """One token per row from probs (B, V): the exponential race argmax_i p_i / E_i, E_i ~ Exp(1),
+    picks i with probability p_i. Unlike torch.multinomial it never waits for the GPU."""
+    e = torch.empty_like(probs).exponential_(generator=generator).clamp_min_(1e-20)
+    return (probs / e).argmax(dim=-1)
+
+
+def _pick(logits, temperature, top_k, top_p, generator):
+    if temperature == 0:
+        return logits.argmax(dim=-1)  # greedy: filters can't change the argmax
+    return _draw(_probs(logits, temperature, top_k, top_p), generator)
+
+
+def speculative_accept(p, q, draft, generator=None):
+    """The speculative-sampling rule (Leviathan et al. 2023, Chen et al. 2023) for one drafted
+    token per row: accept draft ~ q with probability min(1, p(draft) / q(draft)), otherwise draw
+    from normalize(max(0, p - q)). Either way the token is distributed exactly as p.
+    p, q: (B, V) probabilities of the target and the draft model; draft: (B,) token ids.
+    Returns (accepted (B,) bool, token (B,))."""
+    pd = p.gather(-1, draft[:, None]).squeeze(-1)
+    qd = q.gather(-1, draft[:, None]).squeeze(-1)
+    u = torch.rand(pd.shape, generator=generator, device=p.device, dtype=p.dtype)
+    accepted = u * qd < pd  # u < p/q without dividing (q(draft) > 0 since draft ~ q)
+    residual = (p - q).clamp_min(0)
+    mass = residual.sum(-1, keepdim=True)
+    # (the residual is all zero only where p == q, and then the draft is always accepted)
+    residual = torch.where(mass > 0, residual / mass.clamp_min(1e-30), p)
+    return accepted, torch.where(accepted, draft, _draw(residual, generator))
+
+
+def _check(temperature, top_k, top_p, max_new_tokens):
+    if temperature < 0:
+        raise ValueError(f"temperature must be >= 0 (0 = greedy), got {temperature}")
+    if top_k is not None and top_k < 1:
+        raise ValueError(f"top_k must be >= 1 or None, got {top_k}")
+    if top_p is not None and not 0 < top_p <= 1:
+        raise ValueError(f"top_p must be in (0, 1], got {top_p}")
+    if max_new_tokens < 0:
+        raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
+
+
+def _cache_of(model, batch_size):
+    # the cache in the weights' dtype (bf16 weights: a bf16 cache, as in DeepSeek's inference code)
+    return model.make_cache(batch_size, dtype=model.tok_emb.weight.dtype)
+
+
+class _EvalMode:
+    """Generation runs the model in eval mode (no dropout) and restores the mode afterwards."""
+
+    def __init__(self, model):
+        self.model = model
+
+    def __enter__(self):
+        self.was_training = self.model.training
+        self.model.eval()
+
+    def __exit__(self, *exc):
+        self.model.train(self.was_training)
+
+
+# -----------------------------------------------------------------------------
+# plain decoding: prefill once, then one token per step
+
+@torch.no_grad()
+def generate(model, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None, eot=None,
+             generator=None, *, vocab_size=None, on_tokens=None, eot_check_every=16):
+    """Continue every row of idx (B, T) by max_new_tokens tokens. Returns (B, T + n) token ids,
+    n <= max_new_tokens (fewer only when every row has ended).
+
+    temperature 0 is greedy; top_k/top_p filter after the temperature (filter_logits). With eot
+    set, a row that produced eot goes on producing eot only, and generation stops once every row
+    has (checked every eot_check_every steps: the check waits for the device). vocab_size: only
+    ids below it are drawn (GPT-2's 50257 of the 50304-wide padded head). on_tokens(new (B, k)):
+    called with the tokens of every step as they are made (for streaming). generator: a
+    torch.Generator on the model's device, for reproducible sampling.
+
+    The loop has no host sync except the periodic eot check; the context window is cropped the
+    way described at the top of this file (window_starts() is the rule). The model only ever sees
+    fresh tensors (not views into the output buffer, whose offsets change every step), so a
+    torch.compile'd forward_cached (compile_for_decoding) doesn't recompile at every step."""
+    _check(temperature, top_k, top_p, max_new_tokens)
+    B, P = idx.shape
+    bs = model.args.block_size
+    out = torch.empty(B, P + max_new_tokens, dtype=torch.long, device=idx.device)
+    out[:, :P] = idx
+    if max_new_tokens == 0 or P == 0:
+        if P == 0 and max_new_tokens:
+            raise ValueError("idx is empty: start from at least one token (e.g. the end-of-text token)")
+        return out
+    with _EvalMode(model):
+        cache = _cache_of(model, B)
+        s = max(0, P - bs)             # the window: out[:, s:n] sits at positions 0..n-s-1
+        logits = model.forward_cached(out[:, s:P].clone(), cache, 0)[0][:, -1]
+        finished = torch.zeros(B, dtype=torch.bool, device=idx.device)
+        n = P
+        for i in range(max_new_tokens):
+            tok = _pick(_logits_of(logits, vocab_size), temperature, top_k, top_p, generator)
+            if eot is not None:
+                tok = torch.where(finished, eot, tok)
+                finished |= tok == eot
+            out[:, n] = tok
+            n += 1
+            if on_tokens is not None:
+                on_tokens(out[:, n - 1:n])
+            if i == max_new_tokens - 1:
+                break
+            if eot is not None and (i + 1) % eot_check_every == 0 and bool(finished.all()):
+                break
+            if n - s > bs:  # no room for the next position: slide the window and prefill again
+                s = n - max(1, bs // 2)
+                logits = model.forward_cached(out[:, s:n].clone(), cache, 0)[0][:, -1]
+            else:
+                logits = model.forward_cached(tok[:, None], cache, n - 1 - s)[0][:, -1]
+    return out[:, :n]
+
+
+def window_starts(prompt_len, total_len, block_size):
+    """The window rule shared by generate and generate_speculative: the token at index m (>=
+    prompt_len) is predicted from tokens s..m-1 at positions 0..m-1-s, where s starts at
+    max(0, prompt_len - block_size) and jumps to m - block_size // 2 when m - s > block_size.
+    Returns the s for each m in prompt_len..total_len-1 (tests build their reference with it)."""
+    s, starts = max(0, prompt_len - block_size), []
+    for m in range(prompt_len, total_len):
+        if m - s > block_size:
+            s = m - max(1, block_size // 2)
+        starts.append(s)
+    return starts
+
+
+# -----------------------------------------------------------------------------
+# speculative decoding with the MTP module as the draft model
+
+@torch.no_grad()
+def generate_speculative(model, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None,
+                         eot=None, generator=None, *, vocab_size=None, on_tokens=None):
+    """Like generate(), but the MTP module (depth 0) drafts the token after next and the main model
+    checks it: each step feeds [last token, draft] to forward_cached as a 2-token chunk, so one
+    step can commit two tokens. Greedy (temperature 0) gives exactly generate()'s tokens in fp32;
+    in bf16 the 1-token and 2-token forwards round differently, so the two can part where two
+    logits tie in bf16 (seen on an H100 with a barely trained model: top-2 both 13.125), each
+    still a greedy continuation. Sampling uses speculative_accept, which leaves the output
+    distribution unchanged.
+    Returns (tokens (B, T + n), stats {'accepted', 'drafted', 'steps'}), where drafted counts the
+    drafts checked (per unfinished row), accepted those the main model kept, steps the main-model
+    forwards after the prompt.
+
+    Batch > 1 runs in lockstep, since forward_cached takes one start position for all rows: a step
+    commits two tokens for every row only if every unfinished row accepted its draft, else one
+    (a row's bonus token is then dropped and drawn again in the next step, which keeps the
+    distribution exact, because whether it is dropped depends only on the other rows' independent
+    draws). So the speed-up shrinks as the batch grows; batch 1 is the plain algorithm.
+
+    Invariant between steps (n = tokens so far, window start s): the main cache holds tokens
+    s..n-2 (the last token is pending), the MTP cache holds pairs (main hidden of token j, token
+    j+1) for j = s..n-2, and `draft` (drawn from q, the MTP's logits at j = n-2) proposes token n.
+    Entries written for a rejected draft are overwritten by the next step (positions are explicit)."""
+    _check(temperature, top_k, top_p, max_new_tokens)
+    if model.args.mtp_depth < 1:
+        raise ValueError("speculative decoding needs an MTP module (this model has mtp_depth=0)")
+    B, P = idx.shape
+    if P == 0:
+        raise ValueError("idx is empty: start from at least one token (e.g. the end-of-text token)")
+    bs = model.args.block_size
+    W = max(1, bs // 2)
+    out = torch.empty(B, P + max_new_tokens + 1, dtype=torch.long, device=idx.device)
+    out[:, :P] = idx
+    stats = {"accepted": 0, "drafted": 0, "steps": 0}
+    if max_new_tokens == 0:
+        return out[:, :P], stats
+    greedy = temperature == 0
+    finished = torch.zeros(B, dtype=torch.bool, device=idx.device)
+    accepted_sum = torch.zeros((), dtype=torch.long, device=idx.device)
+
+    def draft_from(mtp_logits):
+        """-> (draft token (B,), its distribution q (B, V) or None when greedy)."""
+        logits = _logits_of(mtp_logits, vocab_size)
+        if greedy:
+            return logits.argmax(dim=-1), None
+        q = _probs(logits, temperature, top_k, top_p)
+        return _draw(q, generator), q
+
+    def refill(s, n):
+        """(Re)build both caches for the window s..n-1 (the last token pending) -> draft or None."""
+        if n - 1 - s <= 0:
+            return None
+        h = model.forward_cached(out[:, s:n - 1].clone(), cache, 0)[1]
+        return draft_from(model.mtp_cached(h, out[:, s + 1:n].clone(), cache, 0)[0][:, -1])
+
+    def commit(tokens, n):
+        """Write tokens (B, k) at n.., applying end-of-text; -> new n."""
+        nonlocal finished
+        for j in range(tokens.shape[1]):
+            tok = tokens[:, j]
+            if eot is not None:
+                tok = torch.where(finished, eot, tok)
+                finished = finished | (tok == eot)
+            out[:, n + j] = tok
+        if on_tokens is not None:
+            k = min(tokens.shape[1], P + max_new_tokens - n)
+            on_tokens(out[:, n:n + k])
+        return n + tokens.shape[1]
+
+    with _EvalMode(model):
+        cache = _cache_of(model, B)
+        n = P
+        s = max(0, P - bs)
+        draft = refill(s, n)
+        while n < P + max_new_tokens:
+            if n - s > bs:  # slide, exactly where generate() slides
+                s = n - W
+                draft = refill(s, n)
+            pos = n - 1 - s                 # position of the pending token
+            pending = out[:, n - 1:n].clone()
+            stats["steps"] += 1
+            if draft is None or pos + 1 >= bs:
+                # no draft (a 1-token window) or no room for it: an ordinary step
+                logits, h = model.forward_cached(pending, cache, pos)
+                tok = _pick(_logits_of(logits[:, 0], vocab_size), temperature, top_k, top_p, generator)
+                n = commit(tok[:, None], n)
+                if eot is not None and bool(finished.all()):
+                    break
+                draft = None  # (a slide or the end would waste the MTP's work)
+                if n - s <= bs and n < P + max_new_tokens:
+                    draft = draft_from(model.mtp_cached(h, out[:, n - 1:n].clone(), cache, pos)[0][:, -1])
+                continue
+            d, q = draft
+            logits, h = model.forward_cached(torch.cat([pending, d[:, None]], dim=1), cache, pos)
+            logits = _logits_of(logits, vocab_size)
+            if greedy:
+                first = logits[:, 0].argmax(dim=-1)
+                acc = first == d
+                bonus = logits[:, 1].argmax(dim=-1)
+            else:
+                acc, first = speculative_accept(_probs(logits[:, 0], temperature, top_k, top_p), q, d, generator)
+                bonus = _draw(_probs(logits[:, 1], temperature, top_k, top_p), generator)
+            live = ~finished
+            accepted_sum += (acc & live).sum()
+            # the step's one host sync: did every unfinished row accept, and are any left?
+            both, n_live = torch.stack([(acc | finished).all().long(), live.sum()]).tolist()
+            if n_live == 0:  # every row ended in an earlier step
+                stats["steps"] -= 1
+                break
+            stats["drafted"] += n_live
+            if both:  # every row kept its draft: commit it and the bonus token
+                n = commit(torch.stack([first, bonus], dim=1), n)
+                hh, nxt = h, out[:, n - 2:n].clone()
+            else:
+                n = commit(first[:, None], n)
+                hh, nxt = h[:, :1].contiguous(), out[:, n - 1:n].clone()
+            # keep the MTP cache in step with the accepted tokens: (hidden of token j, token j+1)
+            # at j = pos.. ; its last logits draft the next token
+            draft = None
+            if n - s <= bs and n < P + max_new_tokens:
+                draft = draft_from(model.mtp_cached(hh, nxt, cache, pos)[0][:, -1])
+    stats["accepted"] = int(accepted_sum)
+    return out[:, :min(n, P + max_new_tokens)], stats
+
+
+def compile_for_decoding(model):
+    """torch.compile forward_cached and mtp_cached with dynamic shapes (the cache length grows every
+    step). EXPERIMENTAL: on an H100 with the flagship, a lone 1-token step compiled in ~30 s and then
+    ran 2.6x faster than eager (7.6 vs 20 ms), but a real generation mixing prefill, 1- and 2-token
+    steps and batch sizes hit dynamo's recompile limit (8) in RMSNorm.forward (a stride guard,
+    which points at graph breaks inside model.py's cached path) and ended up slower than eager.
+    A CUDA graph of the step would need a static-shape cached attention (the whole cache with a
+    position mask) in model.py: forward_cached slices the cache to the current length."""
+    model.forward_cached = torch.compile(model.forward_cached, dynamic=True)
+    model.mtp_cached = torch.compile(model.mtp_cached, dynamic=True)
+    return model
+
+
+# -----------------------------------------------------------------------------
+# streaming text
+
+class TextStream:
+    """An on_tokens callback for batch 1 that writes the decoded text as tokens arrive. Decodes
+    bytes incrementally, so a character split over two tokens is written once it is whole."""
+
+    def __init__(self, enc, file=None, eot=None):
+        self.enc, self.file, self.eot = enc, file or sys.stdout, eot
+        self.decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        self.done = False
+
+    def __call__(self, tokens):
+        text = []
+        for t in tokens[0].tolist():
+            if self.done or (self.eot is not None and t == self.eot):
+                self.done = True
+                break
+            text.append(self.decoder.decode(self.enc.decode_single_token_bytes(t)))
+        if text:
+            self.file.write("".join(text))
+            self.file.flush()
+
+    def close(self):
+        self.file.write(self.decoder.decode(b"", final=True))
+        self.file.flush()
+
+
+def story_text(enc, new_tokens, eot=None):
+    """The text of one row's generated tokens, cut at the first end-of-text when eot is set."""
+    ids = list(new_tokens)
+    if eot is not None and eot in ids:
+        ids = ids[:ids.index(eot)]
+    return enc.decode(ids)
+
+
+# -----------------------------------------------------------------------------
+# command line
+
+def fail(msg, code=1):
+    print(f"error: {msg}", file=sys.stderr)
+    sys.exit(code)
+
+
+if __name__ == "__main__":
+    out_dir = "out-tinystories"     # where train.py wrote ckpt.pt
+    start = "Once upon a time"      # the prompt, or "FILE:path" to read it from a file; "" = a new story
+    eot_prefix = True               # put <|endoftext|> before the prompt: every story starts after one
+    num_samples = 1                 # stories, generated as one batch (1 streams to stdout)
+    max_new_tokens = 500            # tokens per story at most
+    temperature = 0.8               # 0 = greedy; < 1 sharper, > 1 more random
+    top_k = None                    # keep only the top_k most likely tokens (None = all)
+    top_p = 0.95                    # nucleus: the smallest set with this much probability (1.0 = all)
+    stop_at_eot = True              # end a story at <|endoftext|>
+    speculative = False             # MTP drafts the token after next, the main model verifies
+    seed = 1337
+    device = "auto"                 # 'auto' (cuda, else mps, else cpu), 'cpu', 'cuda', 'cuda:1', 'mps'
+    dtype = "auto"                  # 'auto' (bfloat16 on CUDA if supported, else float32), 'float32', 'bfloat16', 'float16'
+    compile = False                 # torch.compile the cached forward (experimental, see compile_for_decoding)
+    verbose = False                 # report tokens/s (and the draft acceptance rate) on stderr
+    from configurator import configure
+    configure(globals())
+
+    # ---- the knobs (before anything slow) ----
+    if not isinstance(temperature, (int, float)) or isinstance(temperature, bool) or not temperature >= 0:
+        fail(f"temperature must be >= 0 (0 = greedy), got {temperature!r}", 2)
+    if top_k is not None and (not isinstance(top_k, int) or isinstance(top_k, bool) or top_k < 1):
+        fail(f"top_k must be an integer >= 1 or None, got {top_k!r}", 2)
+    if not 0 < top_p <= 1:
+        fail(f"top_p must be in (0, 1], got {top_p!r}", 2)
+    if max_new_tokens < 0:
+        fail(f"max_new_tokens must be >= 0, got {max_new_tokens}", 2)
+    if num_samples < 1:
+        fail(f"num_samples must be >= 1, got {num_samples}", 2)
+    if start.startswith("FILE:"):
+        path = start[len("FILE:"):]
+        try:
+            with open(path, encoding="utf-8") as f:
+                start = f.read()
+        except (OSError, UnicodeDecodeError) as e:
+            fail(f"cannot read the prompt file '{path}': {getattr(e, 'strerror', None) or e}")
+
+    # ---- device and precision ----
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
+    try:
+        device_type = torch.device(device).type
+    except (RuntimeError, ValueError):
+        fail(f"device='{device}' is not a device (use 'auto', 'cpu', 'cuda', 'cuda:N' or 'mps')", 2)
+    if device_type not in ("cpu", "cuda", "mps"):
+        fail(f"device='{device}' is not supported (use 'auto', 'cpu', 'cuda', 'cuda:N' or 'mps')", 2)
+    if device_type == "cuda" and not torch.cuda.is_available():
+        fail(f"device='{device}' but CUDA is not available (use --device=cpu or --device=auto)", 2)
+    if device_type == "mps" and not torch.backends.mps.is_available():
+        fail("device='mps' but MPS is not available", 2)
+    if device_type == "cuda" and torch.device(device).index is not None \
+            and torch.device(device).index >= torch.cuda.device_count():
+        fail(f"device='{device}' but there are {torch.cuda.device_count()} CUDA devices", 2)
+    if dtype == "auto":
+        dtype = "bfloat16" if device_type == "cuda" and torch.cuda.is_bf16_supported() else "float32"
+    if dtype not in ("float32", "bfloat16", "float16"):
+        fail(f"dtype='{dtype}' must be 'auto', 'float32', 'bfloat16' or 'float16'", 2)
+    torch.manual_seed(seed)
+    if device_type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+
+    # ---- the model ----
+    ckpt_path = os.path.join(out_dir, "ckpt.pt")
+    try:
+        model, ckpt = load_checkpoint(ckpt_path, map_location="cpu")
+    except CheckpointError as e:
+        fail(str(e))
+    del ckpt
+    if speculative and model.args.mtp_depth < 1:
+        fail(f"{ckpt_path} has no MTP module (mtp_depth=0): speculative decoding needs one", 2)
+    model.eval()
+    # Weights in the sampling dtype; the buffers (RoPE tables, the expert-selection bias) stay
+    # fp32, as they were in training under autocast.
+    for p in model.parameters():
+        p.data = p.data.to(getattr(torch, dtype))
+    model.to(device)
+    if device_type == "mps" and model.args.moe_impl == "auto":
+        model.args.moe_impl = "loop"  # torch._grouped_mm may have no MPS kernel
+    if compile:
+        compile_for_decoding(model)
+
+    # ---- the prompt ----
+    import tiktoken
+    enc = tiktoken.get_encoding("gpt2")
+    ids = enc.encode(start, allowed_special={"<|endoftext|>"})
+    if eot_prefix or not ids:
+        ids = [EOT] + ids
+    V = model.args.vocab_size
+    if max(ids) >= V:
+        fail(f"the prompt has token {max(ids)} but the model's vocabulary has {V} (a GPT-2 model needs >= 50257)")
+    x = torch.tensor(ids, dtype=torch.long, device=device)[None].repeat(num_samples, 1)
+    eot = EOT if stop_at_eot and EOT < V else None
+    gen = torch.Generator(device=device).manual_seed(seed)
+    stream = TextStream(enc, sys.stdout, eot) if num_samples == 1 else None
+    kw = dict(temperature=temperature, top_k=top_k, top_p=top_p, eot=eot, generator=gen,
+              vocab_size=min(V, enc.n_vocab), on_tokens=stream)
+
+    def sync():
+        if device_type == "cuda":
+            torch.cuda.synchronize()
+
+    try:
+        if stream is not None:
+            sys.stdout.write(start)
+            sys.stdout.flush()
+        sync()
+        t0 = time.perf_counter()
+        if speculative:
+            y, st = generate_speculative(model, x, max_new_tokens, **kw)
+        else:
+            y, st = generate(model, x, max_new_tokens, **kw), None
+        sync()
+        dt = time.perf_counter() - t0
+        if stream is not None:
+            stream.close()
+            print("\n---------------")
+        else:
+            for row in y[:, len(ids):].tolist():
+                print(start + story_text(enc, row, eot))
+                print("---------------")
+        sys.stdout.flush()
+        if verbose:
+            # tokens written, up to and including each story's end-of-text (not the padding after it)
+            rows = y[:, len(ids):].tolist()
+            made = sum(r.index(eot) + 1 if eot is not None and eot in r else len(r) for r in rows)
+            new = y.shape[1] - len(ids)
+            msg = (f"{made} tokens ({num_samples} x up to {new}) in {dt:.2f}s: {made / dt:.1f} tokens/s "
+                   f"({device}, {dtype}{', speculative' if speculative else ''})")
+            if st is not None:
+                rate = st["accepted"] / st["drafted"] if st["drafted"] else float("nan")
+                msg += (f"; drafts accepted {st['accepted']}/{st['drafted']} = {rate:.1%}, "
+                        f"{new / max(st['steps'], 1):.2f} tokens per step")
+            print(msg, file=sys.stderr)
+    except KeyboardInterrupt:
+        print(file=sys.stderr)
+        sys.exit(130)
+    except BrokenPipeError:  # e.g. | head
+        sys.stderr.close()
+        sys.exit(141)
