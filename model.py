@@ -492,9 +492,11 @@ class MTPModule(nn.Module):
         self.norm = RMSNorm(args.n_embd, args.norm_eps)  # before the shared head
 
     def forward(self, h, emb, cos, sin, cache=None, start_pos=0):
+        """-> (hidden for the next depth, the same normed for the head, expert counts, balance loss)"""
         # [embedding, hidden]: the order of DeepSeek's released eh_proj weights
         x = self.eh_proj(torch.cat([self.enorm(emb), self.hnorm(h)], dim=-1))
-        return self.block(x, cos, sin, cache, start_pos)
+        x, counts, aux = self.block(x, cos, sin, cache, start_pos)
+        return x, self.norm(x), counts, aux
 
 
 class DeepSeekV3(nn.Module):
@@ -569,11 +571,11 @@ class DeepSeekV3(nn.Module):
             hk = h
             for k, mod in enumerate(self.mtp, start=1):
                 emb = self.tok_emb(idx[:, k:])
-                hk, counts, a = self.run_block(mod, hk[:, :T - k], emb, cos[:T - k], sin[:T - k])
+                hk, hn, counts, a = self.run_block(mod, hk[:, :T - k], emb, cos[:T - k], sin[:T - k])
                 aux = aux + a
                 if counts is not None:
                     mod.block.ffn.tokens_per_expert.add_(counts)
-                mtp_losses.append(self.lm_loss(mod.norm(hk), targets[:, k:])[1])
+                mtp_losses.append(self.lm_loss(hn, targets[:, k:])[1])
             loss = loss + self.args.mtp_lambda * torch.stack(mtp_losses).mean()
         if self.training:
             loss = loss + aux
@@ -650,8 +652,8 @@ class DeepSeekV3(nn.Module):
         T = h.shape[1]
         cos, sin = self.rope_cos[start_pos:start_pos + T], self.rope_sin[start_pos:start_pos + T]
         mod = self.mtp[depth]
-        x = mod(h, self.tok_emb(next_idx), cos, sin, cache[self.args.n_layer + depth], start_pos)[0]
-        return self.head(mod.norm(x)), x
+        x, xn = mod(h, self.tok_emb(next_idx), cos, sin, cache[self.args.n_layer + depth], start_pos)[:2]
+        return self.head(xn), x
 
     # ---- accounting ----------------------------------------------------------------------------
     def get_num_params(self):

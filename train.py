@@ -18,6 +18,8 @@ from dataclasses import asdict, fields
 import numpy as np
 import torch
 import torch.distributed as dist
+from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
+                                                     get_optimizer_state_dict, set_optimizer_state_dict)
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from model import CheckpointError, DeepSeekV3, ModelArgs, load_checkpoint
@@ -60,6 +62,8 @@ dtype = "auto"                  # 'auto' (bfloat16 on CUDA if supported, else fl
 compile = None                  # torch.compile the model; None = on CUDA only, True/False to force
 use_checkpointing = False       # activation checkpointing per block: less memory, ~1/3 more compute
 use_liger = False               # Liger's fused linear cross-entropy (CUDA + liger-kernel installed)
+fsdp = False                    # under torchrun: shard params, grads and optimizer state (FSDP2) per
+                                # block instead of replicating them (DDP); bf16 params, fp32 reduce
 # -----------------------------------------------------------------------------
 from configurator import configure  # noqa: E402
 
@@ -82,6 +86,8 @@ if ddp:
     gradient_accumulation_steps //= world_size
 else:
     rank, local_rank, world_size = 0, 0, 1
+    if fsdp:
+        die("fsdp=True shards the model over processes: launch with torchrun (e.g. --nproc_per_node=2)")
 master = rank == 0
 
 # ---- device and precision --------------------------------------------------------------------
@@ -109,7 +115,7 @@ if not isinstance(compile, bool):
     die(f"compile={compile!r} must be True, False or None (= on CUDA only)")
 if ddp:
     dist.init_process_group(backend="nccl" if device_type == "cuda" else "gloo")
-torch.manual_seed(seed + rank)
+torch.manual_seed(seed)  # the same initial weights on every rank (FSDP shards them as they are)
 torch.backends.cuda.matmul.allow_tf32 = True
 torch.backends.cudnn.allow_tf32 = True
 # bf16 autocast on CUDA; on the CPU we train in plain fp32
@@ -184,6 +190,8 @@ elif init_from == "resume":
         model.load_state_dict(sd)
 else:
     die(f"init_from='{init_from}' must be 'scratch' or 'resume'")
+n_params, flops_per_token = model.get_num_params(), model.estimate_flops_per_token()  # before sharding
+torch.manual_seed(seed + rank + 1000 * iter_num)  # from here on (dropout, noise) each rank differs
 model.to(device)
 model.use_checkpointing = use_checkpointing
 if use_liger:
@@ -197,28 +205,39 @@ if use_liger:
     except ImportError as e:
         if master:
             print(f"note: use_liger=True but Liger kernels are unavailable ({e}); using plain PyTorch")
+raw_model = model
+if fsdp:
+    # FSDP2: each block (and MTP module) is one unit: its parameters are gathered just before its
+    # forward/backward and freed after; gradients are reduce-scattered in fp32
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+    mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16 if dtype == "bfloat16" else torch.float32,
+                              reduce_dtype=torch.float32)
+    for unit in list(model.blocks) + list(model.mtp):
+        if compile:
+            unit.compile(dynamic=False)  # per block: FSDP's hooks stay outside the compiled graphs
+        fully_shard(unit, mp_policy=mp)
+    fully_shard(model, mp_policy=mp)
 optimizer = model.configure_optimizers(weight_decay, learning_rate, (beta1, beta2), device_type)
 if ckpt is not None:
-    if "optimizer" in ckpt:
-        optimizer.load_state_dict(ckpt["optimizer"])
+    if "optimizer" in ckpt:  # stored unsharded and keyed by parameter name: loads at any world size
+        set_optimizer_state_dict(model, optimizer, ckpt["optimizer"], options=StateDictOptions(full_state_dict=True))
     elif master:
         print("note: the checkpoint has no optimizer state; starting a fresh optimizer")
-    if "rng" in ckpt:
+    if "rng" in ckpt and rank == 0:
         torch.set_rng_state(ckpt["rng"]["torch"])
         if device_type == "cuda" and ckpt["rng"].get("cuda") is not None:
             torch.cuda.set_rng_state(ckpt["rng"]["cuda"], device)
 ckpt = None  # free the memory
-raw_model = model
-if compile:
+if compile and not fsdp:
     if master:
         print("compiling the model... (takes a minute)")
     model = torch.compile(model, dynamic=False)  # fixed shapes: no recompiles into dynamic ones
-if ddp:
+if ddp and not fsdp:
     # broadcast_buffers=False: the expert biases are kept identical by the all-reduced update
     # itself, and the token counters are per-rank until that all-reduce
     model = DDP(model, device_ids=[local_rank] if device_type == "cuda" else None, broadcast_buffers=False)
 if master:
-    n = raw_model.get_num_params()
+    n = n_params
     print(f"parameters: {n['total'] / 1e6:.2f}M total, {n['active'] / 1e6:.2f}M active per token, "
           f"{n['embedding'] / 1e6:.2f}M embedding, {n['mtp'] / 1e6:.2f}M in MTP")
     print(f"tokens per iteration: {tokens_per_iter:,} ({world_size} rank(s) x {gradient_accumulation_steps} "
@@ -256,9 +275,15 @@ def get_lr(it):
 
 
 def save_checkpoint():
-    """Write to a temporary file, flush it to disk, then rename over the old one: a kill at any
+    """Every rank calls this (FSDP gathers the shards); rank 0 writes. Model and optimizer are saved
+    unsharded, keyed by parameter name, so any world size (and sample.py, export.py) can load them.
+    Written to a temporary file, flushed to disk, then renamed over the old one: a kill at any
     moment leaves either the old or the new checkpoint, never half of one."""
-    ck = {"model": raw_model.state_dict(), "optimizer": optimizer.state_dict(), "model_args": asdict(raw_model.args),
+    opts = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    msd, osd = get_model_state_dict(raw_model, options=opts), get_optimizer_state_dict(raw_model, optimizer, options=opts)
+    if not master:
+        return
+    ck = {"model": msd, "optimizer": osd, "model_args": asdict(raw_model.args),
           "iter_num": iter_num, "best_val_loss": best_val_loss, "config": config,
           "rng": {"torch": torch.get_rng_state(),
                   "cuda": torch.cuda.get_rng_state(device) if device_type == "cuda" else None}}
@@ -299,7 +324,7 @@ if wandb_log and master:
 # ---- the loop --------------------------------------------------------------------------------
 X, Y = get_batch("train", iter_num, rank * gradient_accumulation_steps)
 t0 = time.time()
-local_iter, bad_steps, running_mfu, maxvio = 0, 0, -1.0, None
+local_iter, bad_steps, running_mfu, maxvio, stop = 0, 0, -1.0, None, False
 while True:
     lr = get_lr(iter_num)
     for group in optimizer.param_groups:
@@ -310,15 +335,17 @@ while True:
         if master:
             print(f"step {iter_num}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}")
             log({"iter": iter_num, "train/loss": losses["train"], "val/loss": losses["val"], "lr": lr})
-            if (losses["val"] < best_val_loss or always_save_checkpoint) and iter_num > 0:
-                best_val_loss = min(best_val_loss, losses["val"])
-                save_checkpoint()
+        if (losses["val"] < best_val_loss or always_save_checkpoint) and iter_num > 0:  # same on all ranks
+            best_val_loss = min(best_val_loss, losses["val"])
+            save_checkpoint()
     if (iter_num == 0 and eval_only) or iter_num > max_iters:
         break
 
     loss_sum = torch.zeros((), device=device)
     for micro in range(gradient_accumulation_steps):
-        if ddp:  # sync gradients only on the last micro-step
+        if fsdp:  # sync gradients only on the last micro-step
+            model.set_requires_gradient_sync(micro == gradient_accumulation_steps - 1)
+        elif ddp:
             model.require_backward_grad_sync = micro == gradient_accumulation_steps - 1
         with ctx:
             _, loss = model(X, Y)
@@ -331,6 +358,8 @@ while True:
         loss_sum += loss.detach()
     # the gradient norm (clipped if grad_clip > 0) also tells us whether the step is finite
     norm = torch.nn.utils.clip_grad_norm_(raw_model.parameters(), grad_clip if grad_clip > 0 else float("inf"))
+    if hasattr(norm, "full_tensor"):  # FSDP: a DTensor
+        norm = norm.full_tensor()
     if torch.isfinite(norm):  # one host sync per step, like a grad scaler's
         optimizer.step()
         maxvio = raw_model.update_expert_bias()  # all-reduced counts: identical biases on every rank
@@ -355,7 +384,7 @@ while True:
         if master:
             lossf = loss_sum.item()
             if local_iter >= 5:  # let the first iterations (compilation) pass
-                mfu = raw_model.estimate_mfu(tokens_per_iter / dt) if device_type == "cuda" else 0.0
+                mfu = flops_per_token * tokens_per_iter / dt / 989e12  # H100 bf16 dense peak
                 running_mfu = mfu if running_mfu == -1.0 else 0.9 * running_mfu + 0.1 * mfu
             mv = maxvio.item() if maxvio is not None and bad_steps == 0 else float("nan")
             mfu_s = f"{running_mfu * 100:.1f}%" if running_mfu >= 0 and device_type == "cuda" else "n/a"
@@ -367,15 +396,25 @@ while True:
     iter_num += 1
     local_iter += 1
 
-    if stop_signal is not None:
+    stop = stop_signal is not None
+    if ddp:  # a signal may reach the ranks at different steps: stop together
+        flag = torch.tensor(float(stop), device=device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        stop = bool(flag.item())
+    if stop:
         if master:
-            print(f"received signal {stop_signal}: saving a checkpoint and exiting")
-            save_checkpoint()
+            print(f"received signal {stop_signal or 'on another rank'}: saving a checkpoint and exiting")
+        save_checkpoint()
         break
 
-if master and stop_signal is None and not eval_only and (always_save_checkpoint or not os.path.exists(ckpt_path)):
+final_save = torch.tensor(float(always_save_checkpoint or not os.path.exists(ckpt_path)), device=device)
+if ddp:  # rank 0's filesystem decides (FSDP's gather needs every rank)
+    dist.broadcast(final_save, src=0)
+if not stop and not eval_only and final_save.item():
     save_checkpoint()  # the end of the run
 
+if device_type == "cuda":
+    print(f"rank {rank}: peak GPU memory {torch.cuda.max_memory_allocated(device) / 1e9:.2f} GB")
 if ddp:
     # the bias update is all-reduced, so every rank must hold the same expert biases: check it
     biases = torch.cat([m.gate.bias for m in raw_model.moe_layers()] or [torch.zeros(1, device=device)])
