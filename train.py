@@ -384,7 +384,7 @@ while True:
         if master:
             lossf = loss_sum.item()
             if local_iter >= 5:  # let the first iterations (compilation) pass
-                mfu = flops_per_token * tokens_per_iter / dt / 989e12  # H100 bf16 dense peak
+                mfu = flops_per_token * tokens_per_iter / dt / (989e12 * world_size)  # per H100 (bf16 dense peak)
                 running_mfu = mfu if running_mfu == -1.0 else 0.9 * running_mfu + 0.1 * mfu
             mv = maxvio.item() if maxvio is not None and bad_steps == 0 else float("nan")
             mfu_s = f"{running_mfu * 100:.1f}%" if running_mfu >= 0 and device_type == "cuda" else "n/a"
