@@ -89,7 +89,19 @@ def test_resume_gives_exactly_the_same_losses(tmp):
         assert resumed[i] == full[i], (i, resumed[i], full[i])
 
 
-def test_ddp_two_processes_match_one(tmp):
+def torchrun(tmp, out, *args):
+    exe = os.path.join(os.path.dirname(sys.executable), "torchrun")
+    cmd = [exe if os.path.exists(exe) else "torchrun", "--standalone", "--nproc_per_node=2",
+           str(REPO / "train.py"), *TINY, f"--data_dir={tmp / 'data'}", f"--out_dir={out}", *args]
+    p = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300,
+                       env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    return p
+
+
+def test_ddp_and_fsdp_two_processes_match_one(tmp):
+    """Same global batch on 2 gloo processes: DDP and FSDP2 give the 1-process losses and expert
+    biases; an FSDP checkpoint resumes in a single process (another world size) on the same track."""
     if not shutil.which("torchrun", path=os.path.dirname(sys.executable)) and not shutil.which("torchrun"):
         pytest.skip("torchrun not found")
     common = ["--eval_interval=1000", "--max_iters=6", "--lr_decay_iters=6", "--gradient_accumulation_steps=2",
@@ -97,21 +109,29 @@ def test_ddp_two_processes_match_one(tmp):
     run_train(tmp, *common)
     one = step_losses(tmp / "out")
     b1 = [m.gate.bias.clone() for m in load_checkpoint(str(tmp / "out" / "ckpt.pt"))[0].moe_layers()]
-    shutil.rmtree(tmp / "out")
-    torchrun = os.path.join(os.path.dirname(sys.executable), "torchrun")
-    cmd = [torchrun if os.path.exists(torchrun) else "torchrun", "--standalone", "--nproc_per_node=2",
-           str(REPO / "train.py"), *TINY, f"--data_dir={tmp / 'data'}", f"--out_dir={tmp / 'out'}", *common]
-    p = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300,
-                       env={**os.environ, "OMP_NUM_THREADS": "1"})
-    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
-    two = step_losses(tmp / "out")
+
+    p = torchrun(tmp, tmp / "ddp", *common)
+    two = step_losses(tmp / "ddp")
     assert sorted(one) == sorted(two)
     for i in one:
         assert two[i] == pytest.approx(one[i], rel=1e-4, abs=1e-5), (i, one[i], two[i])
     assert "expert biases identical on all 2 ranks: True" in p.stdout
-    b2 = [m.gate.bias for m in load_checkpoint(str(tmp / "out" / "ckpt.pt"))[0].moe_layers()]
+    b2 = [m.gate.bias for m in load_checkpoint(str(tmp / "ddp" / "ckpt.pt"))[0].moe_layers()]
     for x, y in zip(b1, b2):
         assert torch.allclose(x, y, atol=1e-6)
+
+    # FSDP2 for the first 4 steps (0..3), then resume in ONE process from its checkpoint
+    fs = tmp / "fsdp"
+    p = torchrun(tmp, fs, *common[:-3], "--max_iters=3", "--lr_decay_iters=6", "--gradient_accumulation_steps=2",
+                 "--always_save_checkpoint=True", "--fsdp=True")
+    assert "expert biases identical on all 2 ranks: True" in p.stdout
+    first = step_losses(fs)
+    assert load_checkpoint(str(fs / "ckpt.pt"))[1]["iter_num"] == 4
+    run_train(tmp, *common, "--init_from=resume", f"--out_dir={fs}")
+    after = step_losses(fs)
+    for i in range(7):
+        assert after[i] == pytest.approx(one[i], rel=1e-4, abs=1e-5), (i, one[i], after[i])
+    assert all(first[i] == after[i] for i in range(4))
 
 
 # ---- crash safety ---------------------------------------------------------------------------
