@@ -33,6 +33,10 @@ finite_check = True        # train.py's per-step isfinite(grad norm) test (one h
 check = True               # on CUDA: grouped experts vs the loop reference, no-sync and fullgraph checks
 out_json = ""              # write all numbers here too
 profile_file = ""          # write a torch.profiler table of the 16x4 step's kernels here
+train = True               # benchmark the training step
+sample = False             # benchmark generation (prefill, cached decode, speculative decoding)
+ckpt = ""                  # sample: a trained checkpoint (acceptance rates need one); else random weights
+gen_tokens = 256           # sample: new tokens per generation
 peak_flops = 989e12        # H100 SXM bf16 dense
 globals().update({f.name: f.default for f in fields(ModelArgs)})
 # train.py knobs that config files set; accepted here so the same configs work, and unused
@@ -244,6 +248,71 @@ def checks(args):
     return {"grouped_vs_loop_rel": out_rel, "fullgraph": True, "no_sync": True}
 
 
+def bench_sample():
+    """Generation speed with sample.py's functions: prefill, decode at batch 1 and 16 (eager and CUDA
+    graph), the uncached baseline (the whole prefix recomputed every token), speculative decoding."""
+    import numpy as np
+    from model import load_checkpoint
+    from sample import generate, generate_speculative
+    model = load_checkpoint(ckpt)[0] if ckpt else DeepSeekV3(base)
+    wdt = torch.bfloat16 if dtype == "bfloat16" else torch.float32
+    for p in model.parameters():
+        p.data = p.data.to(wdt)
+    model.to(device).eval()
+    a = model.args
+    r = {"ckpt": ckpt or "random weights", "gen_tokens": gen_tokens}
+    r["cache_bytes_per_token"], r["per_head_cache_bytes_per_token"] = model.cache_bytes_per_token(torch.bfloat16)
+    val = f"{data_dir}/val.bin"
+    try:  # a real prompt: the first 16 tokens of the validation text
+        prompt = torch.from_numpy(np.fromfile(val, dtype=np.uint16)[:16].astype(np.int64))[None]
+    except OSError:
+        prompt = torch.randint(0, 50257, (1, 16))
+    prompt = prompt.to(device)
+
+    def timed(fn):
+        fn()  # warm-up (and compilation of nothing: all eager)
+        sync()
+        t0 = time.perf_counter()
+        out = fn()
+        sync()
+        return time.perf_counter() - t0, out
+    with torch.no_grad():
+        x = torch.randint(0, 50257, (1, a.block_size // 2), device=device)
+        t, _ = timed(lambda: model.forward_cached(x, model.make_cache(1, dtype=wdt), 0))
+        r["prefill_tok_s"] = x.shape[1] / t
+        for B in (1, 16):
+            for cg in (False, True):
+                t, y = timed(lambda: generate(model, prompt.repeat(B, 1), gen_tokens, temperature=0, cuda_graph=cg))
+                r[f"decode_b{B}{'_graph' if cg else ''}_tok_s"] = B * gen_tokens / t
+                if B == 1:
+                    r[f"_y{int(cg)}"] = y
+
+        def uncached():
+            idx = prompt
+            for _ in range(gen_tokens):
+                idx = torch.cat([idx, model(idx)[0][:, -1].argmax(-1, keepdim=True)], dim=1)
+            return idx
+        t, y_ref = timed(uncached)
+        r["uncached_b1_tok_s"] = gen_tokens / t
+        r["cached_equals_uncached_greedy"] = bool(torch.equal(r["_y0"], y_ref))
+        r["cached_over_uncached"] = r["decode_b1_graph_tok_s"] / r["uncached_b1_tok_s"]
+        if a.mtp_depth:
+            for cg in (False, True):
+                t, (ys, st) = timed(lambda: generate_speculative(model, prompt, gen_tokens, temperature=0, cuda_graph=cg))
+                key = "spec_b1_graph" if cg else "spec_b1"
+                r[f"{key}_tok_s"] = gen_tokens / t
+                r[f"{key}_acceptance"] = st["accepted"] / max(1, st["drafted"])
+                r[f"{key}_same_as_greedy"] = bool(torch.equal(ys, r[f"_y{int(cg)}"]))
+            r["spec_speedup_graph"] = r["spec_b1_graph_tok_s"] / r["decode_b1_graph_tok_s"]
+            r["spec_speedup_eager"] = r["spec_b1_tok_s"] / r["decode_b1_tok_s"]
+    for k in [k for k in r if k.startswith("_y")]:
+        del r[k]
+    results["sample"] = r
+    print("\n| generation (" + r["ckpt"] + f", {gen_tokens} new tokens, greedy) | value |\n|---|---|")
+    for k, v in r.items():
+        print(f"| {k} | {v:,.2f} |" if isinstance(v, float) else f"| {k} | {v} |")
+
+
 if __name__ == "__main__":
     if device_type == "cuda":
         results["matmul_peak"] = matmul_peak()
@@ -255,6 +324,13 @@ if __name__ == "__main__":
             except Exception as e:  # report, and still measure
                 print(f"check FAILED: {type(e).__name__}: {str(e)[:2000]}", flush=True)
                 results["checks"] = {"error": f"{type(e).__name__}: {str(e)[:500]}"}
+    if sample:
+        bench_sample()
+    if not train:
+        if out_json:
+            with open(out_json, "w") as f:
+                json.dump(results, f, indent=1)
+        raise SystemExit(0)
     model, opt, step, x = bench_step("moe", base)
     if profile_file and device_type == "cuda":
         from torch.profiler import ProfilerActivity, profile

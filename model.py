@@ -249,18 +249,27 @@ class MLA(nn.Module):
         # score = q_nope . (W_uk c) + q_pe . k_pe = (W_uk^T q_nope) . c + q_pe . k_pe, so fold W_uk
         # into the query; likewise the values: out = W_uv (sum_s p_s c_s), fold W_uv into the output.
         kv_cache, pe_cache = cache
-        end = start_pos + T
-        kv_cache[:B, start_pos:end] = kv.to(kv_cache.dtype)
-        pe_cache[:B, start_pos:end] = k_pe.to(pe_cache.dtype)
+        if isinstance(start_pos, torch.Tensor):
+            # positions on the device (a CUDA graph replays this step at any position): write by
+            # index and attend over the whole cache, masking the slots past each query's position
+            pos = start_pos + torch.arange(T, device=x.device)
+            kv_cache[:B].index_copy_(1, pos, kv.to(kv_cache.dtype))
+            pe_cache[:B].index_copy_(1, pos, k_pe.to(pe_cache.dtype))
+            end = kv_cache.shape[1]
+            mask = torch.arange(end, device=x.device) <= pos[:, None]
+        else:
+            end = start_pos + T
+            kv_cache[:B, start_pos:end] = kv.to(kv_cache.dtype)
+            pe_cache[:B, start_pos:end] = k_pe.to(pe_cache.dtype)
+            mask = None
+            if T > 1:  # new token i sits at position start_pos + i and sees keys 0..start_pos + i
+                mask = torch.ones(T, end, dtype=torch.bool, device=x.device).tril(diagonal=start_pos)
         w = self.wkv_b.weight.view(self.n_head, self.dn + self.dv, self.rank)
         w_uk, w_uv = w[:, :self.dn], w[:, self.dn:]
         q_lat = torch.einsum("bthd,hdc->bhtc", q_nope, w_uk)                    # (B, H, T, rank)
         q_all = torch.cat([q_lat, q_pe.transpose(1, 2)], dim=-1)               # (B, H, T, rank+dr)
         k_all = torch.cat([kv_cache[:B, :end], pe_cache[:B, :end]], dim=-1).type_as(q_all).unsqueeze(1)
         v_all = kv_cache[:B, :end].type_as(q_all).unsqueeze(1)
-        mask = None
-        if T > 1:  # new token i sits at position start_pos + i and sees keys 0..start_pos + i
-            mask = torch.ones(T, end, dtype=torch.bool, device=x.device).tril(diagonal=start_pos)
         y = F.scaled_dot_product_attention(q_all, k_all.expand(-1, self.n_head, -1, -1),
                                            v_all.expand(-1, self.n_head, -1, -1),
                                            attn_mask=mask, scale=self.scale)    # (B, H, T, rank)
@@ -630,14 +639,23 @@ class DeepSeekV3(nn.Module):
         return (a.n_layer * (a.kv_lora_rank + a.qk_rope_head_dim) * b,
                 a.n_layer * a.n_head * (a.qk_head_dim + a.v_head_dim) * b)
 
+    def rope_at(self, start_pos, T):
+        if isinstance(start_pos, torch.Tensor):  # a device-side position: gather, no host sync
+            pos = start_pos + torch.arange(T, device=start_pos.device)
+            return self.rope_cos[pos], self.rope_sin[pos]
+        if start_pos + T > self.args.block_size:
+            raise ValueError(f"position {start_pos + T} exceeds block_size {self.args.block_size}")
+        return self.rope_cos[start_pos:start_pos + T], self.rope_sin[start_pos:start_pos + T]
+
     @torch.no_grad()
     def forward_cached(self, idx, cache, start_pos=0):
         """Run new tokens idx (B, T) at positions start_pos.. against the cache, which they extend.
-        Returns logits (B, T, vocab) and the final-normed hidden states (B, T, d) for the MTP."""
+        Returns logits (B, T, vocab) and the final-normed hidden states (B, T, d) for the MTP.
+        start_pos is an int, or a 0-dim long tensor on the device: then the step has fixed shapes and
+        no host sync, so a CUDA graph can capture it once and replay it at every position (the
+        caller keeps start_pos + T <= block_size)."""
         B, T = idx.shape
-        if start_pos + T > self.args.block_size:
-            raise ValueError(f"position {start_pos + T} exceeds block_size {self.args.block_size}")
-        cos, sin = self.rope_cos[start_pos:start_pos + T], self.rope_sin[start_pos:start_pos + T]
+        cos, sin = self.rope_at(start_pos, T)
         x = self.tok_emb(idx)
         for i, block in enumerate(self.blocks):
             x = block(x, cos, sin, cache[i], start_pos)[0]
@@ -649,8 +667,7 @@ class DeepSeekV3(nn.Module):
         """MTP module `depth` at positions start_pos..: h (B, T, d) is the previous depth's hidden
         state there (forward_cached's h for depth 0) and next_idx (B, T) the tokens one position
         later. Returns logits for the tokens two positions later (a draft) and the new hidden."""
-        T = h.shape[1]
-        cos, sin = self.rope_cos[start_pos:start_pos + T], self.rope_sin[start_pos:start_pos + T]
+        cos, sin = self.rope_at(start_pos, h.shape[1])
         mod = self.mtp[depth]
         x, xn = mod(h, self.tok_emb(next_idx), cos, sin, cache[self.args.n_layer + depth], start_pos)[:2]
         return self.head(xn), x

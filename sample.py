@@ -126,12 +126,69 @@ class _EvalMode:
         self.model.train(self.was_training)
 
 
+class DecodeSteps:
+    """The fixed-shape decode steps, optionally captured as CUDA graphs. At these model sizes an
+    eager step is bound by the CPU launching ~700 small kernels, not by the GPU; a graph replays
+    them in one launch. Positions go in as a device tensor (model.forward_cached accepts one), so
+    one capture serves every position. Build this BEFORE the prefill: the warm-up runs write junk
+    into the first cache slots, which the prefill then overwrites (and later slots are masked).
+    shapes: the (kind, T) steps to capture, kind 'main' (forward_cached) or 'mtp' (mtp_cached)."""
+
+    def __init__(self, model, cache, batch_size, device, shapes, cuda_graph=True):
+        self.model, self.cache = model, cache
+        self.graphs = {}
+        if not (cuda_graph and torch.device(device).type == "cuda"):
+            return
+        d, dt = model.args.n_embd, model.tok_emb.weight.dtype
+        for kind, T in shapes:
+            ins = {"tok": torch.zeros(batch_size, T, dtype=torch.long, device=device),
+                   "pos": torch.zeros((), dtype=torch.long, device=device),
+                   "h": torch.zeros(batch_size, T, d, dtype=dt, device=device)}
+            run = self._runner(kind, ins)
+            side = torch.cuda.Stream()
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):  # warm up outside the capture (allocations, lazy init)
+                for _ in range(2):
+                    run()
+            torch.cuda.current_stream().wait_stream(side)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                outs = run()
+            self.graphs[(kind, T)] = (graph, ins, outs)
+
+    def _runner(self, kind, ins):
+        if kind == "main":
+            return lambda: self.model.forward_cached(ins["tok"], self.cache, ins["pos"])
+        return lambda: self.model.mtp_cached(ins["h"], ins["tok"], self.cache, ins["pos"])
+
+    def _replay(self, key, tok, pos, h=None):
+        graph, ins, outs = self.graphs[key]
+        ins["tok"].copy_(tok)
+        ins["pos"].fill_(pos)
+        if h is not None:
+            ins["h"].copy_(h)
+        graph.replay()
+        return outs  # overwritten by the next replay: use before then
+
+    def main(self, tok, pos):
+        """forward_cached(tok (B, T), pos) -> (logits, h)"""
+        if ("main", tok.shape[1]) in self.graphs:
+            return self._replay(("main", tok.shape[1]), tok, pos)
+        return self.model.forward_cached(tok, self.cache, pos)
+
+    def mtp(self, h, tok, pos):
+        """mtp_cached(h, tok, pos) -> (draft logits, hidden)"""
+        if ("mtp", tok.shape[1]) in self.graphs:
+            return self._replay(("mtp", tok.shape[1]), tok, pos, h)
+        return self.model.mtp_cached(h, tok, self.cache, pos)
+
+
 # -----------------------------------------------------------------------------
 # plain decoding: prefill once, then one token per step
 
 @torch.no_grad()
 def generate(model, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None, eot=None,
-             generator=None, *, vocab_size=None, on_tokens=None, eot_check_every=16):
+             generator=None, *, vocab_size=None, on_tokens=None, eot_check_every=16, cuda_graph=False):
     """Continue every row of idx (B, T) by max_new_tokens tokens. Returns (B, T + n) token ids,
     n <= max_new_tokens (fewer only when every row has ended).
 
@@ -145,7 +202,8 @@ def generate(model, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None
     The loop has no host sync except the periodic eot check; the context window is cropped the
     way described at the top of this file (window_starts() is the rule). The model only ever sees
     fresh tensors (not views into the output buffer, whose offsets change every step), so a
-    torch.compile'd forward_cached (compile_for_decoding) doesn't recompile at every step."""
+    torch.compile'd forward_cached (compile_for_decoding) doesn't recompile at every step.
+    cuda_graph: on CUDA, replay the 1-token step as a CUDA graph (DecodeSteps); same tokens."""
     _check(temperature, top_k, top_p, max_new_tokens)
     B, P = idx.shape
     bs = model.args.block_size
@@ -157,6 +215,7 @@ def generate(model, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None
         return out
     with _EvalMode(model):
         cache = _cache_of(model, B)
+        steps = DecodeSteps(model, cache, B, idx.device, [("main", 1)], cuda_graph)
         s = max(0, P - bs)             # the window: out[:, s:n] sits at positions 0..n-s-1
         logits = model.forward_cached(out[:, s:P].clone(), cache, 0)[0][:, -1]
         finished = torch.zeros(B, dtype=torch.bool, device=idx.device)
@@ -178,7 +237,7 @@ def generate(model, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None
                 s = n - max(1, bs // 2)
                 logits = model.forward_cached(out[:, s:n].clone(), cache, 0)[0][:, -1]
             else:
-                logits = model.forward_cached(tok[:, None], cache, n - 1 - s)[0][:, -1]
+                logits = steps.main(tok[:, None], n - 1 - s)[0][:, -1]
     return out[:, :n]
 
 
@@ -200,7 +259,7 @@ def window_starts(prompt_len, total_len, block_size):
 
 @torch.no_grad()
 def generate_speculative(model, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None,
-                         eot=None, generator=None, *, vocab_size=None, on_tokens=None):
+                         eot=None, generator=None, *, vocab_size=None, on_tokens=None, cuda_graph=False):
     """Like generate(), but the MTP module (depth 0) drafts the token after next and the main model
     checks it: each step feeds [last token, draft] to forward_cached as a 2-token chunk, so one
     step can commit two tokens. Greedy (temperature 0) gives exactly generate()'s tokens in fp32;
@@ -270,6 +329,8 @@ def generate_speculative(model, idx, max_new_tokens, temperature=1.0, top_k=None
 
     with _EvalMode(model):
         cache = _cache_of(model, B)
+        steps = DecodeSteps(model, cache, B, idx.device, [("main", 1), ("main", 2), ("mtp", 1), ("mtp", 2)],
+                            cuda_graph)
         n = P
         s = max(0, P - bs)
         draft = refill(s, n)
@@ -282,17 +343,17 @@ def generate_speculative(model, idx, max_new_tokens, temperature=1.0, top_k=None
             stats["steps"] += 1
             if draft is None or pos + 1 >= bs:
                 # no draft (a 1-token window) or no room for it: an ordinary step
-                logits, h = model.forward_cached(pending, cache, pos)
+                logits, h = steps.main(pending, pos)
                 tok = _pick(_logits_of(logits[:, 0], vocab_size), temperature, top_k, top_p, generator)
                 n = commit(tok[:, None], n)
                 if eot is not None and bool(finished.all()):
                     break
                 draft = None  # (a slide or the end would waste the MTP's work)
                 if n - s <= bs and n < P + max_new_tokens:
-                    draft = draft_from(model.mtp_cached(h, out[:, n - 1:n].clone(), cache, pos)[0][:, -1])
+                    draft = draft_from(steps.mtp(h, out[:, n - 1:n].clone(), pos)[0][:, -1])
                 continue
             d, q = draft
-            logits, h = model.forward_cached(torch.cat([pending, d[:, None]], dim=1), cache, pos)
+            logits, h = steps.main(torch.cat([pending, d[:, None]], dim=1), pos)
             logits = _logits_of(logits, vocab_size)
             if greedy:
                 first = logits[:, 0].argmax(dim=-1)
@@ -319,7 +380,7 @@ def generate_speculative(model, idx, max_new_tokens, temperature=1.0, top_k=None
             # at j = pos.. ; its last logits draft the next token
             draft = None
             if n - s <= bs and n < P + max_new_tokens:
-                draft = draft_from(model.mtp_cached(hh, nxt, cache, pos)[0][:, -1])
+                draft = draft_from(steps.mtp(hh, nxt, pos)[0][:, -1])
     stats["accepted"] = int(accepted_sum)
     return out[:, :min(n, P + max_new_tokens)], stats
 
@@ -396,6 +457,7 @@ if __name__ == "__main__":
     device = "auto"                 # 'auto' (cuda, else mps, else cpu), 'cpu', 'cuda', 'cuda:1', 'mps'
     dtype = "auto"                  # 'auto' (bfloat16 on CUDA if supported, else float32), 'float32', 'bfloat16', 'float16'
     compile = False                 # torch.compile the cached forward (experimental, see compile_for_decoding)
+    cuda_graph = True               # on CUDA, replay each decode step as a CUDA graph (DecodeSteps)
     verbose = False                 # report tokens/s (and the draft acceptance rate) on stderr
     from configurator import configure
     configure(globals())
@@ -478,7 +540,7 @@ if __name__ == "__main__":
     gen = torch.Generator(device=device).manual_seed(seed)
     stream = TextStream(enc, sys.stdout, eot) if num_samples == 1 else None
     kw = dict(temperature=temperature, top_k=top_k, top_p=top_p, eot=eot, generator=gen,
-              vocab_size=min(V, enc.n_vocab), on_tokens=stream)
+              vocab_size=min(V, enc.n_vocab), on_tokens=stream, cuda_graph=cuda_graph and not compile)
 
     def sync():
         if device_type == "cuda":

@@ -513,3 +513,22 @@ def test_compile_fullgraph_training_step():
     assert loss.item() == pytest.approx(ref_loss.item(), rel=1e-5)
     assert rel(m.blocks[1].ffn.w1.grad, ref_grad) < 1e-4
     assert m.blocks[1].ffn.tokens_per_expert.sum() == 2 * 16 * a.n_activated_experts
+
+
+def test_cached_decode_with_device_positions():
+    # start_pos as a 0-dim tensor (the CUDA-graph path) gives the same logits as int positions
+    a = small()
+    m = model_of(a).eval()
+    x = tokens(a, B=2, T=12)
+    with torch.no_grad():
+        c1, c2 = m.make_cache(2), m.make_cache(2)
+        ref = [m.forward_cached(x[:, :5], c1, 0)[0]]
+        got = [m.forward_cached(x[:, :5], c2, torch.tensor(0))[0]]
+        for t in range(5, 12):
+            ref.append(m.forward_cached(x[:, t:t + 1], c1, t)[0])
+            logits, h = m.forward_cached(x[:, t:t + 1], c2, torch.tensor(t))
+            got.append(logits)
+        d1 = m.mtp_cached(h, x[:, 11:12], c1, 11)[0]
+        d2 = m.mtp_cached(h, x[:, 11:12], c2, torch.tensor(11))[0]
+    assert rel(torch.cat(got, 1), torch.cat(ref, 1)) < 1e-6
+    assert rel(d2, d1) < 1e-6
