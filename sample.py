@@ -457,7 +457,8 @@ if __name__ == "__main__":
     device = "auto"                 # 'auto' (cuda, else mps, else cpu), 'cpu', 'cuda', 'cuda:1', 'mps'
     dtype = "auto"                  # 'auto' (bfloat16 on CUDA if supported, else float32), 'float32', 'bfloat16', 'float16'
     compile = False                 # torch.compile the cached forward (experimental, see compile_for_decoding)
-    cuda_graph = True               # on CUDA, replay each decode step as a CUDA graph (DecodeSteps)
+    cuda_graph = False              # on CUDA, replay each decode step as a CUDA graph (DecodeSteps);
+                                    # off by default until it has been measured on a GPU
     verbose = False                 # report tokens/s (and the draft acceptance rate) on stderr
     from configurator import configure
     configure(globals())
