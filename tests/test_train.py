@@ -141,7 +141,7 @@ def test_sigkill_at_random_moments_then_resume(tmp):
     time; the final checkpoint loads and every resumed stretch reproduces the uninterrupted losses."""
     # a wider vocabulary makes the checkpoint big enough (~20 MB) to catch it being written
     common = ["--vocab_size=20000", "--n_embd=64", "--eval_interval=3", "--always_save_checkpoint=True",
-              "--max_iters=30", "--lr_decay_iters=30", "--keep_last=True"]
+              "--max_iters=20", "--lr_decay_iters=20", "--keep_last=True"]
     run_train(tmp, *common)
     full = step_losses(tmp / "out")
     (tmp / "out").rename(tmp / "full")
@@ -170,12 +170,12 @@ def test_sigkill_at_random_moments_then_resume(tmp):
         proc.wait()
         if (out / "ckpt.pt").exists():
             load_checkpoint(str(out / "ckpt.pt"))  # always loadable
-        if kills >= 3 and killed_in_write:
+        if kills >= 2 and killed_in_write:
             break
     assert killed_in_write and kills >= 2
     # finish the run and compare every logged step with the uninterrupted run
     run_train(tmp, *common, "--init_from=resume")
-    assert load_checkpoint(str(out / "ckpt.pt"))[1]["iter_num"] == 31
+    assert load_checkpoint(str(out / "ckpt.pt"))[1]["iter_num"] == 21
     got = {}
     for line in (out / "log.jsonl").read_text().splitlines():
         r = json.loads(line)
@@ -184,7 +184,7 @@ def test_sigkill_at_random_moments_then_resume(tmp):
     for i, vals in got.items():
         for v in vals:  # a step run twice (before a kill and after the resume) gives the same loss
             assert v == full[i], (i, v, full[i])
-    assert set(range(31)) <= set(got)
+    assert set(range(21)) <= set(got)
 
 
 def test_sigterm_saves_and_exits_cleanly(tmp):
