@@ -277,3 +277,12 @@ def test_bad_checkpoints(tmp):
 def test_grad_accum_not_divisible_by_world_size(tmp):
     env = {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "29999"}
     one_line_error(run_train(tmp, "--gradient_accumulation_steps=3", check=False, env=env), "divisible")
+
+
+def test_wandb_offline(tmp):
+    pytest.importorskip("wandb")
+    p = run_train(tmp, "--max_iters=2", "--eval_interval=1000", "--wandb_log=True",
+                  env={"WANDB_MODE": "offline", "WANDB_DIR": str(tmp), "WANDB_SILENT": "true"})
+    assert p.returncode == 0
+    runs = list((tmp / "wandb").glob("offline-run-*"))
+    assert runs and any(f.suffix == ".wandb" for f in runs[0].iterdir())
