@@ -128,8 +128,12 @@ for split in ("train", "val"):
         die(f"{path} not found: run `python prepare.py` first (or --input FILES for local text)")
     if os.path.getsize(path) % 2:
         die(f"{path} is not a whole number of uint16 tokens (truncated?): re-run prepare.py")
-    if os.path.getsize(path) // 2 < block_size + 1:
-        die(f"{path} holds {os.path.getsize(path) // 2} tokens, fewer than block_size + 1 = {block_size + 1}")
+    n_tok = os.path.getsize(path) // 2
+    if n_tok < block_size + 1:
+        die(f"{path} holds {n_tok} tokens, fewer than block_size + 1 = {block_size + 1}")
+    if n_tok < batch_size * block_size:
+        die(f"{path} holds {n_tok} tokens, fewer than one batch (batch_size x block_size = "
+            f"{batch_size * block_size}): lower batch_size or block_size, or prepare more data")
 meta_path = os.path.join(data_dir, "meta.json")
 if os.path.isfile(meta_path):
     try:
@@ -140,8 +144,6 @@ if os.path.isfile(meta_path):
     if meta_vocab > vocab_size:
         die(f"the data's vocabulary ({meta_vocab} tokens, {meta_path}) does not fit vocab_size={vocab_size}")
 tokens_per_iter = gradient_accumulation_steps * world_size * batch_size * block_size
-if batch_size * block_size > os.path.getsize(os.path.join(data_dir, "val.bin")) // 2:
-    print(f"note: a batch ({batch_size}x{block_size} tokens) is larger than val.bin; batches will overlap")
 
 
 def get_batch(split, it, micro):

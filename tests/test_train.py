@@ -232,6 +232,7 @@ def one_line_error(p, *needles):
     (["--n_activated_experts=99"], ["n_activated_experts"]),
     (["--qk_rope_head_dim=7"], ["qk_rope_head_dim"]),
     (["--block_size=50000"], ["block_size"]),
+    (["--batch_size=200"], ["fewer than one batch"]),
     (["--device=cuda"], ["CUDA"]) if not torch.cuda.is_available() else (["--device=cuda", "--dtype=float16"], ["dtype"]),
     (["--dtype=bfloat16", "--device=cpu"], ["bfloat16"]),
     (["--init_from=resume"], ["no checkpoint"]),
