@@ -136,21 +136,7 @@ def bench_step(name, args, liger=False):
     model, opt, step, x, y = make_step(args, liger)
     if device_type == "cuda":
         torch.cuda.reset_peak_memory_stats()
-    try:
-        ms = timeit(step)
-    except Exception as e:
-        if "InductorError" not in type(e).__name__ or not compile:
-            raise
-        # torch 2.11's inductor asserted in its coalescing analysis on this graph once (H100,
-        # batch 64): retry without that analysis rather than give up, and say so
-        print(f"{name}: inductor failed ({str(e).strip()[:120]}); retrying with "
-              "triton.coalesce_tiling_analysis=False", flush=True)
-        import torch._inductor.config as ic
-        ic.triton.coalesce_tiling_analysis = False
-        torch._dynamo.reset()
-        model, opt, step, x, y = make_step(args, liger)
-        ms = timeit(step)
-        results.setdefault("notes", []).append(f"{name}: needed coalesce_tiling_analysis=False")
+    ms = timeit(step)
     tok_s = B * T / (ms / 1000)
     fpt = model.estimate_flops_per_token(T)
     r = {"ms": ms, "tok_s": tok_s, "flops_per_token": fpt, "mfu": fpt * tok_s / peak_flops,
