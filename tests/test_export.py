@@ -49,15 +49,6 @@ CONFIGS = {
 }
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """These tensors are tiny: one thread is as fast, and immune to OpenMP's spinning on a busy machine."""
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
-
-
 TRAINING_ONLY = ("dropout", "bias_update_speed", "seq_aux_alpha", "noisy_topk", "noise_std", "mtp_lambda",
                  "moe_impl")
 
