@@ -391,8 +391,9 @@ def compile_for_decoding(model):
     ran 2.6x faster than eager (7.6 vs 20 ms), but a real generation mixing prefill, 1- and 2-token
     steps and batch sizes hit dynamo's recompile limit (8) in RMSNorm.forward (a stride guard,
     which points at graph breaks inside model.py's cached path) and ended up slower than eager.
-    A CUDA graph of the step would need a static-shape cached attention (the whole cache with a
-    position mask) in model.py: forward_cached slices the cache to the current length."""
+    Those measurements predate the device-position path (forward_cached with a tensor start_pos:
+    fixed shapes, the whole cache under a position mask), which DecodeSteps captures as CUDA
+    graphs; neither has been measured on a GPU since."""
     model.forward_cached = torch.compile(model.forward_cached, dynamic=True)
     model.mtp_cached = torch.compile(model.mtp_cached, dynamic=True)
     return model
