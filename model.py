@@ -488,6 +488,12 @@ class Block(nn.Module):
             h, counts, aux = self.ffn(h), None, x.new_zeros((), dtype=torch.float32)
         return x + self.drop(h), counts, aux
 
+    def idle_expert_params(self, args):
+        """Parameters of the routed experts a token does NOT use in this block (0 if dense)."""
+        if not self.is_moe:
+            return 0
+        return (args.n_routed_experts - args.n_activated_experts) * 3 * args.n_embd * args.moe_inter_dim
+
 
 class MTPModule(nn.Module):
     """Predicts token t+k+1 from the depth-(k-1) hidden state at t and the embedding of token t+k."""
@@ -675,15 +681,10 @@ class DeepSeekV3(nn.Module):
     # ---- accounting ----------------------------------------------------------------------------
     def get_num_params(self):
         """Counts for the main model (MTP apart): total, active per token, embedding; and mtp."""
-        a = self.args
         main = [p for n, p in self.named_parameters() if not n.startswith("mtp.")]
         total = sum(p.numel() for p in main)
         emb = self.tok_emb.weight.numel()
-        inactive = 0
-        for m in self.blocks:
-            if m.is_moe:
-                per_expert = m.ffn.w1[0].numel() + m.ffn.w2[0].numel() + m.ffn.w3[0].numel()
-                inactive += (a.n_routed_experts - a.n_activated_experts) * per_expert
+        inactive = sum(b.idle_expert_params(self.args) for b in self.blocks)
         seen, mtp = {id(p) for p in main}, 0
         for p in self.mtp.parameters():
             if id(p) not in seen:
@@ -699,11 +700,8 @@ class DeepSeekV3(nn.Module):
         matmul = n["active"] - n["embedding"] + (n["embedding"] if a.tie_embeddings else 0)
         L = a.n_layer
         if a.mtp_depth:
-            per_mod = self.mtp[0]
-            mod_params = sum(p.numel() for p in per_mod.parameters())
-            if per_mod.block.is_moe:
-                e = per_mod.block.ffn
-                mod_params -= (a.n_routed_experts - a.n_activated_experts) * (e.w1[0].numel() * 3)
+            mod = self.mtp[0]
+            mod_params = sum(p.numel() for p in mod.parameters()) - mod.block.idle_expert_params(a)
             matmul += a.mtp_depth * (mod_params + self.head.weight.numel())  # the head runs again
             L += a.mtp_depth
         attn = 6 * L * T * a.n_head * (a.qk_head_dim + a.v_head_dim)
