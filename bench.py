@@ -234,19 +234,28 @@ def checks(args):
     return {"grouped_vs_loop_rel": out_rel, "fullgraph": True, "no_sync": True}
 
 
+def common_prefix(a, b, skip):
+    """How many leading tokens after the first `skip` (the prompt) two generations share (row 0)."""
+    a, b = a[0, skip:].tolist(), b[0, skip:].tolist()
+    return next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
+
+
 def bench_sample():
-    """Generation speed with sample.py's functions: prefill, decode at batch 1 and 16 (eager and CUDA
-    graph), the uncached baseline (the whole prefix recomputed every token), speculative decoding."""
+    """Generation speed with sample.py's functions at batch 1 and 16, each way a decode step can run
+    (eager; CUDA graph; torch.compile + CUDA graph): prefill, steady decode, speculative decoding,
+    the uncached baseline (nanoGPT's way: the whole prefix recomputed for every token), and the
+    GPU time and kernel count of one 1-token step. On CUDA, plain and speculative greedy decoding
+    run again in fp32 without TF32, where the two must give the same tokens."""
     import numpy as np
     from model import load_checkpoint
-    from sample import generate, generate_speculative
+    from sample import DecodeSteps, generate, generate_speculative
     model = load_checkpoint(ckpt)[0] if ckpt else DeepSeekV3(base)
     wdt = torch.bfloat16 if dtype == "bfloat16" else torch.float32
     for p in model.parameters():
         p.data = p.data.to(wdt)
     model.to(device).eval()
     a = model.args
-    r = {"ckpt": ckpt or "random weights", "gen_tokens": gen_tokens}
+    r = {"ckpt": ckpt or "random weights", "gen_tokens": gen_tokens, "dtype": str(wdt)}
     r["cache_bytes_per_token"], r["per_head_cache_bytes_per_token"] = model.cache_bytes_per_token(torch.bfloat16)
     val = f"{data_dir}/val.bin"
     try:  # a real prompt: the first 16 tokens of the validation text
@@ -254,45 +263,107 @@ def bench_sample():
     except OSError:
         prompt = torch.randint(0, 50257, (1, 16))
     prompt = prompt.to(device)
+    P = prompt.shape[1]
 
-    def timed(fn):
-        fn()  # warm-up (and compilation of nothing: all eager)
+    def wall(fn):
         sync()
         t0 = time.perf_counter()
         out = fn()
         sync()
         return time.perf_counter() - t0, out
+
+    def rate(gen, B, n0=32):
+        """(steady tokens/s, end-to-end tokens/s, first call's seconds, output of the full run).
+        Steady: the difference of a gen_tokens run and an n0-token run, so the setup (cache,
+        prefill, graph capture) cancels out. The first call compiles, where there is compiling."""
+        t_first, _ = wall(lambda: gen(B, n0))
+        t0, _ = wall(lambda: gen(B, n0))
+        t1, out = wall(lambda: gen(B, gen_tokens))
+        return B * (gen_tokens - n0) / (t1 - t0), B * gen_tokens / t1, t_first, out
+
+    modes = {"eager": dict(cuda_graph=False, compile=False)}
+    if device_type == "cuda":
+        modes["graph"] = dict(cuda_graph=True, compile=False)
+        modes["compiled_graph"] = dict(cuda_graph=True, compile=True)
+
+    def measure(tag, modes, batches=(1, 16)):
+        plain = {}
+        for name, kw in modes.items():
+            for B in batches:
+                k = f"{tag}decode_b{B}_{name}"
+                r[f"{k}_tok_s"], r[f"{k}_end_to_end_tok_s"], r[f"{k}_first_call_s"], y = rate(
+                    lambda B, n: generate(model, prompt.repeat(B, 1), n, temperature=0, **kw), B)
+                if B == 1:
+                    plain[name] = y
+                print(f"  {k}: {r[f'{k}_tok_s']:,.0f} tok/s (first call {r[f'{k}_first_call_s']:.1f} s)", flush=True)
+            if name != "eager" and "eager" in plain:
+                r[f"{tag}{name}_tokens_same_as_eager"] = common_prefix(plain[name], plain["eager"], P)
+        if not a.mtp_depth:
+            return plain
+        for name, kw in modes.items():
+            st, k = {}, f"{tag}spec_b1_{name}"
+
+            def spec(B, n):
+                ys, s = generate_speculative(model, prompt, n, temperature=0, **kw)
+                st.update(s)
+                return ys
+            r[f"{k}_tok_s"], _, r[f"{k}_first_call_s"], ys = rate(spec, 1)
+            r[f"{k}_acceptance"] = st["accepted"] / max(1, st["drafted"])
+            r[f"{k}_tokens_same_as_plain"] = common_prefix(ys, plain[name], P)
+            r[f"{tag}spec_speedup_{name}"] = r[f"{k}_tok_s"] / r[f"{tag}decode_b1_{name}_tok_s"]
+            print(f"  {k}: {r[f'{k}_tok_s']:,.0f} tok/s, x{r[f'{tag}spec_speedup_{name}']:.2f}", flush=True)
+        return plain
+
     with torch.no_grad():
         x = torch.randint(0, 50257, (1, a.block_size // 2), device=device)
-        t, _ = timed(lambda: model.forward_cached(x, model.make_cache(1, dtype=wdt), 0))
+        model.forward_cached(x, model.make_cache(1, dtype=wdt), 0)
+        t, _ = wall(lambda: model.forward_cached(x, model.make_cache(1, dtype=wdt), 0))
         r["prefill_tok_s"] = x.shape[1] / t
-        for B in (1, 16):
-            for cg in (False, True):
-                t, y = timed(lambda: generate(model, prompt.repeat(B, 1), gen_tokens, temperature=0, cuda_graph=cg))
-                r[f"decode_b{B}{'_graph' if cg else ''}_tok_s"] = B * gen_tokens / t
-                if B == 1:
-                    r[f"_y{int(cg)}"] = y
+        plain = measure("", modes)
 
-        def uncached():
+        def uncached(n):
             idx = prompt
-            for _ in range(gen_tokens):
+            for _ in range(n):
                 idx = torch.cat([idx, model(idx)[0][:, -1].argmax(-1, keepdim=True)], dim=1)
             return idx
-        t, y_ref = timed(uncached)
-        r["uncached_b1_tok_s"] = gen_tokens / t
-        r["cached_equals_uncached_greedy"] = bool(torch.equal(r["_y0"], y_ref))
-        r["cached_over_uncached"] = r["decode_b1_graph_tok_s"] / r["uncached_b1_tok_s"]
-        if a.mtp_depth:
-            for cg in (False, True):
-                t, (ys, st) = timed(lambda: generate_speculative(model, prompt, gen_tokens, temperature=0, cuda_graph=cg))
-                key = "spec_b1_graph" if cg else "spec_b1"
-                r[f"{key}_tok_s"] = gen_tokens / t
-                r[f"{key}_acceptance"] = st["accepted"] / max(1, st["drafted"])
-                r[f"{key}_same_as_greedy"] = bool(torch.equal(ys, r[f"_y{int(cg)}"]))
-            r["spec_speedup_graph"] = r["spec_b1_graph_tok_s"] / r["decode_b1_graph_tok_s"]
-            r["spec_speedup_eager"] = r["spec_b1_tok_s"] / r["decode_b1_tok_s"]
-    for k in [k for k in r if k.startswith("_y")]:
-        del r[k]
+        r["uncached_b1_eager_tok_s"], _, _, y_ref = rate(lambda B, n: uncached(n), 1)
+        r["cached_eager_tokens_same_as_uncached"] = common_prefix(plain["eager"], y_ref, P)
+        best = max(modes, key=lambda k: r[f"decode_b1_{k}_tok_s"])
+        r["best_b1_mode"] = best
+        r["cached_best_over_uncached"] = r[f"decode_b1_{best}_tok_s"] / r["uncached_b1_eager_tok_s"]
+        r["cached_eager_over_uncached"] = r["decode_b1_eager_tok_s"] / r["uncached_b1_eager_tok_s"]
+        if device_type == "cuda":  # what one 1-token step costs, and how many kernels it launches
+            from torch.profiler import ProfilerActivity, profile
+            tables = []
+            for name, kw in {"eager": dict(cuda_graph=False, compile=False),
+                             "compiled": dict(cuda_graph=False, compile=True)}.items():
+                steps = DecodeSteps(model, model.make_cache(1, dtype=wdt), 1, device, [("main", 1)], **kw)
+                tok = prompt[:, :1]
+                for _ in range(3):
+                    steps.main(tok, 20)
+                sync()
+                with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+                    for _ in range(10):
+                        steps.main(tok, 20)
+                    sync()
+                ev = [e for e in prof.events() if e.device_type.name == "CUDA"]
+                r[f"step_{name}_kernels"] = len(ev) / 10
+                r[f"step_{name}_gpu_ms"] = sum(e.device_time for e in ev) / 10 / 1000
+                for key in ("self_cpu_time_total", "self_device_time_total"):
+                    tables.append(f"== {name} 1-token step x10, by {key}\n" + prof.key_averages().table(
+                        sort_by=key, row_limit=20, max_name_column_width=70))
+            if profile_file:
+                with open(profile_file, "w") as f:
+                    f.write("\n\n".join(tables))
+            # fp32 without TF32: plain and speculative greedy must agree token for token here
+            for p in model.parameters():
+                p.data = p.data.float()
+            tf32 = torch.backends.cuda.matmul.allow_tf32
+            torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+            try:
+                measure("fp32_", {k: v for k, v in modes.items() if k != "eager"}, batches=(1,))
+            finally:
+                torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = tf32
     results["sample"] = r
     print("\n| generation (" + r["ckpt"] + f", {gen_tokens} new tokens, greedy) | value |\n|---|---|")
     for k, v in r.items():

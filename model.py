@@ -635,9 +635,9 @@ class DeepSeekV3(nn.Module):
         S = max_len or a.block_size
         L = a.n_layer + a.mtp_depth
         device = device or self.tok_emb.weight.device
-        kv = torch.zeros(L, batch_size, S, a.kv_lora_rank, device=device, dtype=dtype)
-        pe = torch.zeros(L, batch_size, S, a.qk_rope_head_dim, device=device, dtype=dtype)
-        return [(kv[i], pe[i]) for i in range(L)]
+        # separate tensors, not views of one: a compiled step then mutates inputs that alias nothing
+        return [(torch.zeros(batch_size, S, a.kv_lora_rank, device=device, dtype=dtype),
+                 torch.zeros(batch_size, S, a.qk_rope_head_dim, device=device, dtype=dtype)) for _ in range(L)]
 
     def cache_bytes_per_token(self, dtype=torch.bfloat16):
         """(MLA cache, an uncompressed per-head K/V cache) in bytes per token, main model."""

@@ -11,7 +11,7 @@ window slides: the last block_size // 2 tokens are prefilled again at positions 
 own semantics for a cropped context, like nanoGPT's crop, but in jumps so the cache stays usable).
 
 The functions are importable (a benchmark uses them): filter_logits, generate,
-generate_speculative, speculative_accept, compile_for_decoding. The command line is at the bottom.
+generate_speculative, speculative_accept, DecodeSteps. The command line is at the bottom.
 
 Measured once on an H100 (flagship ModelArgs, bf16 weights, eager, greedy, 200-256 new tokens):
 decode ~50 tokens/s at batch 1 and ~750-900 at batch 16; the 1-token step is bound by kernel
@@ -126,61 +126,113 @@ class _EvalMode:
         self.model.train(self.was_training)
 
 
-class DecodeSteps:
-    """The fixed-shape decode steps, optionally captured as CUDA graphs. At these model sizes an
-    eager step is bound by the CPU launching ~700 small kernels, not by the GPU; a graph replays
-    them in one launch. Positions go in as a device tensor (model.forward_cached accepts one), so
-    one capture serves every position. Build this BEFORE the prefill: the warm-up runs write junk
-    into the first cache slots, which the prefill then overwrites (and later slots are masked).
-    shapes: the (kind, T) steps to capture, kind 'main' (forward_cached) or 'mtp' (mtp_cached)."""
+def _main_step(model, ins, cache):
+    return model.forward_cached(ins["tok"], cache, ins["pos"])
 
-    def __init__(self, model, cache, batch_size, device, shapes, cuda_graph=True):
-        self.model, self.cache = model, cache
-        self.graphs = {}
-        if not (cuda_graph and torch.device(device).type == "cuda"):
+
+def _mtp_step(model, ins, cache):
+    return model.mtp_cached(ins["h"], ins["tok"], cache, ins["pos"])
+
+
+def _greedy_spec_step(model, ins, cache, vocab_size=None):
+    """One step of greedy speculative decoding with no host decision inside: verify the draft and
+    draft the next token for BOTH outcomes, then pick. The main model runs [pending token, draft]
+    at positions pos, pos+1 -> first (its own choice for the draft's slot) and bonus (the token
+    after the draft). The MTP then runs pairs (main hidden, next token) at pos, pos+1 with next
+    tokens [first, bonus]: right in both cases, since first == draft when accepted. Its logits at
+    pos draft the token after `first` (used if the step commits one token), at pos+1 the token
+    after `bonus` (if it commits two). A rejected draft leaves junk at pos+1 in both caches; the
+    next step writes there first. Batches run in lockstep: two tokens only if every unfinished row
+    accepted. ins: tok (B, 1) pending, draft (B,), finished (B,) bool, pos.
+    Returns (first, bonus) (B, 2), accepted (B,) bool, both () bool, next draft (B,)."""
+    logits, h = model.forward_cached(torch.cat([ins["tok"], ins["draft"][:, None]], dim=1), cache, ins["pos"])
+    pick = _logits_of(logits, vocab_size).argmax(dim=-1)
+    accepted = pick[:, 0] == ins["draft"]
+    both = (accepted | ins["finished"]).all()
+    drafts = _logits_of(model.mtp_cached(h, pick, cache, ins["pos"])[0], vocab_size).argmax(dim=-1)
+    return pick, accepted, both, torch.where(both, drafts[:, 1], drafts[:, 0])
+
+
+_STEPS = {"main": _main_step, "mtp": _mtp_step, "spec": _greedy_spec_step}
+_compiled = {}  # the torch.compile'd steps, made once per process: dynamo keeps one graph per shape
+
+
+def _step_fn(kind, compile):
+    if not compile:
+        return _STEPS[kind]
+    if kind not in _compiled:
+        _compiled[kind] = torch.compile(_STEPS[kind], dynamic=False)
+    return _compiled[kind]
+
+
+class DecodeSteps:
+    """The decode steps of a generation: forward_cached ('main'), mtp_cached ('mtp') and the fused
+    greedy speculative step ('spec', _greedy_spec_step). With compile or (on CUDA) cuda_graph they
+    run at fixed shapes, the position a device tensor (model.py), so no step has a host sync or a
+    shape of its own. compile: torch.compile each (one compilation per shape; fuses the ~900
+    small kernels of a step into ~300). cuda_graph: on CUDA, capture each as a CUDA graph and
+    replay it: one launch instead of hundreds. At these model sizes an eager step is bound by the
+    CPU launching kernels, not by the GPU. With neither (or cuda_graph alone off CUDA) the steps
+    run eagerly with int positions.
+    Build this BEFORE the prefill: warm-up runs write junk into the first cache slots, which the
+    prefill then overwrites (and later slots are masked).
+    shapes: the (kind, T) steps to prepare (T = 2 for 'spec'); others run eagerly when asked for.
+    vocab_size: the 'spec' step only picks ids below it."""
+
+    def __init__(self, model, cache, batch_size, device, shapes, cuda_graph=True, compile=False, vocab_size=None):
+        self.model, self.cache, self.vocab_size = model, cache, vocab_size
+        self.steps = {}
+        graph = cuda_graph and torch.device(device).type == "cuda"
+        if not (graph or compile):
             return
         d, dt = model.args.n_embd, model.tok_emb.weight.dtype
         for kind, T in shapes:
-            ins = {"tok": torch.zeros(batch_size, T, dtype=torch.long, device=device),
+            ins = {"tok": torch.zeros(batch_size, 1 if kind == "spec" else T, dtype=torch.long, device=device),
                    "pos": torch.zeros((), dtype=torch.long, device=device),
-                   "h": torch.zeros(batch_size, T, d, dtype=dt, device=device)}
-            run = self._runner(kind, ins)
+                   "h": torch.zeros(batch_size, T, d, dtype=dt, device=device),
+                   "draft": torch.zeros(batch_size, dtype=torch.long, device=device),
+                   "finished": torch.zeros(batch_size, dtype=torch.bool, device=device)}
+            fn, kw = _step_fn(kind, compile), {"vocab_size": vocab_size} if kind == "spec" else {}
+            run = lambda fn=fn, ins=ins, kw=kw: fn(model, ins, cache, **kw)  # noqa: E731
+            if not graph:
+                self.steps[(kind, T)] = (None, ins, run)
+                continue
             side = torch.cuda.Stream()
             side.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(side):  # warm up outside the capture (allocations, lazy init)
+            with torch.cuda.stream(side):  # warm up outside the capture (compilation, allocations, lazy init)
                 for _ in range(2):
                     run()
             torch.cuda.current_stream().wait_stream(side)
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph):
+            g = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(g):
                 outs = run()
-            self.graphs[(kind, T)] = (graph, ins, outs)
+            self.steps[(kind, T)] = (g, ins, outs)
 
-    def _runner(self, kind, ins):
-        if kind == "main":
-            return lambda: self.model.forward_cached(ins["tok"], self.cache, ins["pos"])
-        return lambda: self.model.mtp_cached(ins["h"], ins["tok"], self.cache, ins["pos"])
-
-    def _replay(self, key, tok, pos, h=None):
-        graph, ins, outs = self.graphs[key]
-        ins["tok"].copy_(tok)
+    def _run(self, kind, T, pos, **inputs):
+        if (kind, T) not in self.steps:  # eagerly, with an int position
+            ins = dict(inputs, pos=pos)
+            kw = {"vocab_size": self.vocab_size} if kind == "spec" else {}
+            return _STEPS[kind](self.model, ins, self.cache, **kw)
+        g, ins, outs = self.steps[(kind, T)]
+        for k, v in inputs.items():
+            ins[k].copy_(v)
         ins["pos"].fill_(pos)
-        if h is not None:
-            ins["h"].copy_(h)
-        graph.replay()
+        if g is None:
+            return outs()
+        g.replay()
         return outs  # overwritten by the next replay: use before then
 
     def main(self, tok, pos):
         """forward_cached(tok (B, T), pos) -> (logits, h)"""
-        if ("main", tok.shape[1]) in self.graphs:
-            return self._replay(("main", tok.shape[1]), tok, pos)
-        return self.model.forward_cached(tok, self.cache, pos)
+        return self._run("main", tok.shape[1], pos, tok=tok)
 
     def mtp(self, h, tok, pos):
         """mtp_cached(h, tok, pos) -> (draft logits, hidden)"""
-        if ("mtp", tok.shape[1]) in self.graphs:
-            return self._replay(("mtp", tok.shape[1]), tok, pos, h)
-        return self.model.mtp_cached(h, tok, self.cache, pos)
+        return self._run("mtp", tok.shape[1], pos, h=h, tok=tok)
+
+    def spec(self, tok, draft, finished, pos):
+        """_greedy_spec_step -> (first, bonus) (B, 2), accepted (B,), both (), next draft (B,)"""
+        return self._run("spec", 2, pos, tok=tok, draft=draft, finished=finished)
 
 
 # -----------------------------------------------------------------------------
@@ -188,7 +240,8 @@ class DecodeSteps:
 
 @torch.no_grad()
 def generate(model, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None, eot=None,
-             generator=None, *, vocab_size=None, on_tokens=None, eot_check_every=16, cuda_graph=False):
+             generator=None, *, vocab_size=None, on_tokens=None, stream_every=8, eot_check_every=16,
+             cuda_graph=False, compile=False):
     """Continue every row of idx (B, T) by max_new_tokens tokens. Returns (B, T + n) token ids,
     n <= max_new_tokens (fewer only when every row has ended).
 
@@ -196,14 +249,15 @@ def generate(model, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None
     set, a row that produced eot goes on producing eot only, and generation stops once every row
     has (checked every eot_check_every steps: the check waits for the device). vocab_size: only
     ids below it are drawn (GPT-2's 50257 of the 50304-wide padded head). on_tokens(new (B, k)):
-    called with the tokens of every step as they are made (for streaming). generator: a
-    torch.Generator on the model's device, for reproducible sampling.
+    called with the new tokens every stream_every steps and at the end (for streaming; reading
+    them waits for the device, so every step would cost a sync). generator: a torch.Generator on
+    the model's device, for reproducible sampling.
 
-    The loop has no host sync except the periodic eot check; the context window is cropped the
+    The loop has no host sync except the periodic eot check (and whatever on_tokens does); the context window is cropped the
     way described at the top of this file (window_starts() is the rule). The model only ever sees
-    fresh tensors (not views into the output buffer, whose offsets change every step), so a
-    torch.compile'd forward_cached (compile_for_decoding) doesn't recompile at every step.
-    cuda_graph: on CUDA, replay the 1-token step as a CUDA graph (DecodeSteps); same tokens."""
+    fresh tensors, never views into the output buffer, whose offsets change every step.
+    cuda_graph (CUDA only) / compile: run the 1-token step as a captured CUDA graph and/or
+    torch.compile'd (DecodeSteps); the same tokens, up to floating-point rounding."""
     _check(temperature, top_k, top_p, max_new_tokens)
     B, P = idx.shape
     bs = model.args.block_size
@@ -215,11 +269,11 @@ def generate(model, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None
         return out
     with _EvalMode(model):
         cache = _cache_of(model, B)
-        steps = DecodeSteps(model, cache, B, idx.device, [("main", 1)], cuda_graph)
+        steps = DecodeSteps(model, cache, B, idx.device, [("main", 1)], cuda_graph, compile)
         s = max(0, P - bs)             # the window: out[:, s:n] sits at positions 0..n-s-1
         logits = model.forward_cached(out[:, s:P].clone(), cache, 0)[0][:, -1]
         finished = torch.zeros(B, dtype=torch.bool, device=idx.device)
-        n = P
+        n = streamed = P
         for i in range(max_new_tokens):
             tok = _pick(_logits_of(logits, vocab_size), temperature, top_k, top_p, generator)
             if eot is not None:
@@ -227,8 +281,9 @@ def generate(model, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None
                 finished |= tok == eot
             out[:, n] = tok
             n += 1
-            if on_tokens is not None:
-                on_tokens(out[:, n - 1:n])
+            if on_tokens is not None and n - streamed >= stream_every:
+                on_tokens(out[:, streamed:n])
+                streamed = n
             if i == max_new_tokens - 1:
                 break
             if eot is not None and (i + 1) % eot_check_every == 0 and bool(finished.all()):
@@ -238,6 +293,8 @@ def generate(model, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None
                 logits = model.forward_cached(out[:, s:n].clone(), cache, 0)[0][:, -1]
             else:
                 logits = steps.main(tok[:, None], n - 1 - s)[0][:, -1]
+        if on_tokens is not None and n > streamed:
+            on_tokens(out[:, streamed:n])
     return out[:, :n]
 
 
@@ -259,7 +316,8 @@ def window_starts(prompt_len, total_len, block_size):
 
 @torch.no_grad()
 def generate_speculative(model, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None,
-                         eot=None, generator=None, *, vocab_size=None, on_tokens=None, cuda_graph=False):
+                         eot=None, generator=None, *, vocab_size=None, on_tokens=None, cuda_graph=False,
+                         compile=False):
     """Like generate(), but the MTP module (depth 0) drafts the token after next and the main model
     checks it: each step feeds [last token, draft] to forward_cached as a 2-token chunk, so one
     step can commit two tokens. Greedy (temperature 0) gives exactly generate()'s tokens in fp32;
@@ -329,8 +387,9 @@ def generate_speculative(model, idx, max_new_tokens, temperature=1.0, top_k=None
 
     with _EvalMode(model):
         cache = _cache_of(model, B)
-        steps = DecodeSteps(model, cache, B, idx.device, [("main", 1), ("main", 2), ("mtp", 1), ("mtp", 2)],
-                            cuda_graph)
+        # greedy: one fused step (the rare 1-token steps run eagerly); sampling: the four pieces
+        shapes = [("spec", 2)] if greedy else [("main", 1), ("main", 2), ("mtp", 1), ("mtp", 2)]
+        steps = DecodeSteps(model, cache, B, idx.device, shapes, cuda_graph, compile, vocab_size)
         n = P
         s = max(0, P - bs)
         draft = refill(s, n)
@@ -353,50 +412,39 @@ def generate_speculative(model, idx, max_new_tokens, temperature=1.0, top_k=None
                     draft = draft_from(steps.mtp(h, out[:, n - 1:n].clone(), pos)[0][:, -1])
                 continue
             d, q = draft
-            logits, h = steps.main(torch.cat([pending, d[:, None]], dim=1), pos)
-            logits = _logits_of(logits, vocab_size)
-            if greedy:
-                first = logits[:, 0].argmax(dim=-1)
-                acc = first == d
-                bonus = logits[:, 1].argmax(dim=-1)
+            if greedy:  # verify and draft in one step (_greedy_spec_step): the MTP cache is updated too
+                pick, acc, all_acc, nd = steps.spec(pending, d, finished, pos)
+                first, bonus = pick[:, 0], pick[:, 1]
             else:
+                logits, h = steps.main(torch.cat([pending, d[:, None]], dim=1), pos)
+                logits = _logits_of(logits, vocab_size)
                 acc, first = speculative_accept(_probs(logits[:, 0], temperature, top_k, top_p), q, d, generator)
                 bonus = _draw(_probs(logits[:, 1], temperature, top_k, top_p), generator)
+                all_acc = (acc | finished).all()
             live = ~finished
             accepted_sum += (acc & live).sum()
             # the step's one host sync: did every unfinished row accept, and are any left?
-            both, n_live = torch.stack([(acc | finished).all().long(), live.sum()]).tolist()
+            both, n_live = torch.stack([all_acc.long(), live.sum()]).tolist()
             if n_live == 0:  # every row ended in an earlier step
                 stats["steps"] -= 1
                 break
             stats["drafted"] += n_live
             if both:  # every row kept its draft: commit it and the bonus token
                 n = commit(torch.stack([first, bonus], dim=1), n)
-                hh, nxt = h, out[:, n - 2:n].clone()
+                hh, nxt = (None, None) if greedy else (h, out[:, n - 2:n].clone())
             else:
                 n = commit(first[:, None], n)
-                hh, nxt = h[:, :1].contiguous(), out[:, n - 1:n].clone()
-            # keep the MTP cache in step with the accepted tokens: (hidden of token j, token j+1)
-            # at j = pos.. ; its last logits draft the next token
+                hh, nxt = (None, None) if greedy else (h[:, :1].contiguous(), out[:, n - 1:n].clone())
             draft = None
             if n - s <= bs and n < P + max_new_tokens:
-                draft = draft_from(steps.mtp(hh, nxt, pos)[0][:, -1])
+                if greedy:
+                    draft = nd.clone(), None  # (a copy: the next replay overwrites the graph's outputs)
+                else:
+                    # keep the MTP cache in step with the accepted tokens: (hidden of token j,
+                    # token j+1) at j = pos.. ; its last logits draft the next token
+                    draft = draft_from(steps.mtp(hh, nxt, pos)[0][:, -1])
     stats["accepted"] = int(accepted_sum)
     return out[:, :min(n, P + max_new_tokens)], stats
-
-
-def compile_for_decoding(model):
-    """torch.compile forward_cached and mtp_cached with dynamic shapes (the cache length grows every
-    step). EXPERIMENTAL: on an H100 with the flagship, a lone 1-token step compiled in ~30 s and then
-    ran 2.6x faster than eager (7.6 vs 20 ms), but a real generation mixing prefill, 1- and 2-token
-    steps and batch sizes hit dynamo's recompile limit (8) in RMSNorm.forward (a stride guard,
-    which points at graph breaks inside model.py's cached path) and ended up slower than eager.
-    Those measurements predate the device-position path (forward_cached with a tensor start_pos:
-    fixed shapes, the whole cache under a position mask), which DecodeSteps captures as CUDA
-    graphs; neither has been measured on a GPU since."""
-    model.forward_cached = torch.compile(model.forward_cached, dynamic=True)
-    model.mtp_cached = torch.compile(model.mtp_cached, dynamic=True)
-    return model
 
 
 # -----------------------------------------------------------------------------
@@ -457,9 +505,9 @@ if __name__ == "__main__":
     seed = 1337
     device = "auto"                 # 'auto' (cuda, else mps, else cpu), 'cpu', 'cuda', 'cuda:1', 'mps'
     dtype = "auto"                  # 'auto' (bfloat16 on CUDA if supported, else float32), 'float32', 'bfloat16', 'float16'
-    compile = False                 # torch.compile the cached forward (experimental, see compile_for_decoding)
-    cuda_graph = False              # on CUDA, replay each decode step as a CUDA graph (DecodeSteps);
-                                    # off by default until it has been measured on a GPU
+    compile = False                 # torch.compile the decode steps (DecodeSteps): ~1 min of compiling
+                                    # first, then faster steps; pays off for long or many generations
+    cuda_graph = True               # on CUDA, replay each decode step as a CUDA graph (DecodeSteps)
     verbose = False                 # report tokens/s (and the draft acceptance rate) on stderr
     from configurator import configure
     configure(globals())
@@ -525,12 +573,14 @@ if __name__ == "__main__":
     model.to(device)
     if device_type == "mps" and model.args.moe_impl == "auto":
         model.args.moe_impl = "loop"  # torch._grouped_mm may have no MPS kernel
-    if compile:
-        compile_for_decoding(model)
 
     # ---- the prompt ----
-    import tiktoken
-    enc = tiktoken.get_encoding("gpt2")
+    try:
+        import tiktoken
+        enc = tiktoken.get_encoding("gpt2")
+    except Exception as e:  # no network on first use, a broken cache, no tiktoken
+        fail(f"cannot load tiktoken's GPT-2 encoding ({type(e).__name__}); it is downloaded on first use "
+             "(needs the network once), or point TIKTOKEN_CACHE_DIR at a cache that has it")
     ids = enc.encode(start, allowed_special={"<|endoftext|>"})
     if eot_prefix or not ids:
         ids = [EOT] + ids
@@ -542,7 +592,7 @@ if __name__ == "__main__":
     gen = torch.Generator(device=device).manual_seed(seed)
     stream = TextStream(enc, sys.stdout, eot) if num_samples == 1 else None
     kw = dict(temperature=temperature, top_k=top_k, top_p=top_p, eot=eot, generator=gen,
-              vocab_size=min(V, enc.n_vocab), on_tokens=stream, cuda_graph=cuda_graph and not compile)
+              vocab_size=min(V, enc.n_vocab), on_tokens=stream, cuda_graph=cuda_graph, compile=compile)
 
     def sync():
         if device_type == "cuda":

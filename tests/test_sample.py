@@ -246,6 +246,18 @@ def test_speculative_greedy_matches_plain(which, trained):
         assert drafted > 0
 
 
+def test_compiled_fixed_shape_steps_give_the_same_tokens(trained):
+    """compile=True runs DecodeSteps' fixed-shape steps (device-tensor positions, the whole cache
+    under a mask: what a CUDA graph captures) through torch.compile: same greedy tokens as eager,
+    across a window slide, for plain and speculative decoding."""
+    m = trained
+    x = (torch.arange(2)[:, None] * 7 + 3 * torch.arange(6)) % m.args.vocab_size
+    plain = generate(m, x, 40, temperature=0)  # 46 tokens > block 32: one slide
+    spec, st = generate_speculative(m, x, 40, temperature=0, compile=True)
+    assert torch.equal(spec, plain) and st["accepted"] > 0
+    assert torch.equal(generate(m, x, 40, temperature=0, compile=True), plain)
+
+
 def test_speculative_greedy_eot_and_lengths(trained):
     m = trained
     x = (torch.arange(2)[:, None] * 3 + torch.arange(5)) % 32
@@ -559,3 +571,15 @@ def test_cli_bad_input(ckpts, monkeypatch, capsys, name, args, needle):
     lines = cap.err.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: ") and needle in lines[0], (name, cap.err)
     assert "Traceback" not in cap.err
+
+
+def test_cli_tokenizer_unavailable(ckpts, monkeypatch, capsys):
+    """No network on first use (tiktoken downloads GPT-2's files once): one line, no traceback."""
+    import tiktoken
+
+    def offline(name):
+        raise ConnectionError("Failed to resolve 'openaipublic.blob.core.windows.net'")
+    monkeypatch.setattr(tiktoken, "get_encoding", offline)
+    code, cap = run_main(monkeypatch, capsys, "--device=cpu", f"--out_dir={ckpts / 'ok'}")
+    lines = cap.err.strip().splitlines()
+    assert code not in (0, None) and len(lines) == 1 and "TIKTOKEN_CACHE_DIR" in lines[0], cap.err
