@@ -64,6 +64,8 @@ use_checkpointing = False       # activation checkpointing per block: less memor
 use_liger = False               # Liger's fused linear cross-entropy (CUDA + liger-kernel installed)
 fsdp = False                    # under torchrun: shard params, grads and optimizer state (FSDP2) per
                                 # block instead of replicating them (DDP); bf16 params, fp32 reduce
+ddp_bucket_mb = 25              # DDP all-reduces gradients in buckets of this size as backward makes
+                                # them; under compile each bucket boundary also splits the graph
 # -----------------------------------------------------------------------------
 from configurator import configure  # noqa: E402
 
@@ -237,7 +239,9 @@ if compile and not fsdp:
 if ddp and not fsdp:
     # broadcast_buffers=False: the expert biases are kept identical by the all-reduced update
     # itself, and the token counters are per-rank until that all-reduce
-    model = DDP(model, device_ids=[local_rank] if device_type == "cuda" else None, broadcast_buffers=False)
+    # gradient_as_bucket_view: the .grad tensors ARE the all-reduce buckets (no copy in and out)
+    model = DDP(model, device_ids=[local_rank] if device_type == "cuda" else None, broadcast_buffers=False,
+                bucket_cap_mb=ddp_bucket_mb, gradient_as_bucket_view=True)
 if master:
     n = n_params
     print(f"parameters: {n['total'] / 1e6:.2f}M total, {n['active'] / 1e6:.2f}M active per token, "
@@ -325,6 +329,7 @@ if wandb_log and master:
 
 # ---- the loop --------------------------------------------------------------------------------
 X, Y = get_batch("train", iter_num, rank * gradient_accumulation_steps)
+stop_flag = torch.zeros((), device=device)  # set by fill_, never by torch.tensor(..., device): no sync
 t0 = time.time()
 local_iter, bad_steps, running_mfu, maxvio, stop = 0, 0, -1.0, None, False
 while True:
@@ -362,7 +367,12 @@ while True:
     norm = torch.nn.utils.clip_grad_norm_(raw_model.parameters(), grad_clip if grad_clip > 0 else float("inf"))
     if hasattr(norm, "full_tensor"):  # FSDP: a DTensor
         norm = norm.full_tensor()
-    if torch.isfinite(norm):  # one host sync per step, like a grad scaler's
+    # a signal may reach the ranks at different steps: all stop together, after this step
+    stop_flag.fill_(float(stop_signal is not None))
+    if ddp:
+        dist.all_reduce(stop_flag, op=dist.ReduceOp.MAX)
+    finite, stop = torch.stack([torch.isfinite(norm).float(), stop_flag]).tolist()  # the step's one host sync
+    if finite:
         optimizer.step()
         maxvio = raw_model.update_expert_bias()  # all-reduced counts: identical biases on every rank
         bad_steps = 0
@@ -398,11 +408,6 @@ while True:
     iter_num += 1
     local_iter += 1
 
-    stop = stop_signal is not None
-    if ddp:  # a signal may reach the ranks at different steps: stop together
-        flag = torch.tensor(float(stop), device=device)
-        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-        stop = bool(flag.item())
     if stop:
         if master:
             print(f"received signal {stop_signal or 'on another rank'}: saving a checkpoint and exiting")
