@@ -66,6 +66,8 @@ fsdp = False                    # under torchrun: shard params, grads and optimi
                                 # block instead of replicating them (DDP); bf16 params, fp32 reduce
 ddp_bucket_mb = 25              # DDP all-reduces gradients in buckets of this size as backward makes
                                 # them; under compile each bucket boundary also splits the graph
+reduce_dtype = "float32"        # gradients cross GPUs in this dtype (DDP and FSDP); 'bfloat16' halves
+                                # the bytes, at bf16's precision for the averaged gradient
 # -----------------------------------------------------------------------------
 from configurator import configure  # noqa: E402
 
@@ -113,6 +115,10 @@ if dtype == "bfloat16" and device_type != "cuda":
     die(f"dtype='bfloat16' is supported on CUDA only; on {device_type} train in float32 (--dtype=float32)")
 if compile is None:
     compile = device_type == "cuda"
+if reduce_dtype not in ("float32", "bfloat16"):
+    die(f"reduce_dtype='{reduce_dtype}' must be 'float32' or 'bfloat16'")
+if reduce_dtype == "bfloat16" and ddp and not fsdp and device_type != "cuda":
+    die("reduce_dtype='bfloat16' with DDP needs CUDA (NCCL's bf16 all-reduce); gloo reduces in float32")
 if not isinstance(compile, bool):
     die(f"compile={compile!r} must be True, False or None (= on CUDA only)")
 if ddp:
@@ -215,7 +221,7 @@ if fsdp:
     # forward/backward and freed after; gradients are reduce-scattered in fp32
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
     mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16 if dtype == "bfloat16" else torch.float32,
-                              reduce_dtype=torch.float32)
+                              reduce_dtype=getattr(torch, reduce_dtype))
     for unit in list(model.blocks) + list(model.mtp):
         if compile:
             unit.compile(dynamic=False)  # per block: FSDP's hooks stay outside the compiled graphs
@@ -242,6 +248,9 @@ if ddp and not fsdp:
     # gradient_as_bucket_view: the .grad tensors ARE the all-reduce buckets (no copy in and out)
     model = DDP(model, device_ids=[local_rank] if device_type == "cuda" else None, broadcast_buffers=False,
                 bucket_cap_mb=ddp_bucket_mb, gradient_as_bucket_view=True)
+    if reduce_dtype == "bfloat16":  # cast each bucket to bf16 for the all-reduce, back to fp32 after
+        from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import bf16_compress_hook
+        model.register_comm_hook(dist.group.WORLD, bf16_compress_hook)
 if master:
     n = n_params
     print(f"parameters: {n['total'] / 1e6:.2f}M total, {n['active'] / 1e6:.2f}M active per token, "

@@ -238,6 +238,7 @@ def one_line_error(p, *needles):
     (["--init_from=resume"], ["no checkpoint"]),
     (["--init_from=pretrained"], ["init_from"]),
     (["--compile=maybe"], ["compile"]),
+    (["--reduce_dtype=float16"], ["reduce_dtype"]),
 ])
 def test_bad_config(tmp, args, needles):
     one_line_error(run_train(tmp, *args, check=False), *needles)
