@@ -134,23 +134,43 @@ def _mtp_step(model, ins, cache):
     return model.mtp_cached(ins["h"], ins["tok"], cache, ins["pos"])
 
 
-def _greedy_spec_step(model, ins, cache, vocab_size=None):
-    """One step of greedy speculative decoding with no host decision inside: verify the draft and
-    draft the next token for BOTH outcomes, then pick. The main model runs [pending token, draft]
-    at positions pos, pos+1 -> first (its own choice for the draft's slot) and bonus (the token
-    after the draft). The MTP then runs pairs (main hidden, next token) at pos, pos+1 with next
-    tokens [first, bonus]: right in both cases, since first == draft when accepted. Its logits at
-    pos draft the token after `first` (used if the step commits one token), at pos+1 the token
-    after `bonus` (if it commits two). A rejected draft leaves junk at pos+1 in both caches; the
+def _greedy_spec_step(model, st, cache, vocab_size=None, eot=None):
+    """One step of greedy speculative decoding, with the generation's state on the device (st: the
+    output buffer 'out' (B, L), token count 'n' and window start 's' (0-dim), 'draft' (B,),
+    'finished' (B,) bool, counters 'accepted', 'drafted', 'steps'), updated in place. No host
+    decision inside, so steps can be replayed back to back (a CUDA graph) without a sync.
+
+    The main model runs [pending token out[n-1], draft] at positions pos, pos+1 (pos = n-1-s) ->
+    first (its own choice for the draft's slot) and bonus (the token after the draft). The MTP
+    then runs pairs (main hidden, next token) at pos, pos+1 with next tokens [first, bonus]: right
+    whatever is accepted, since first == draft when the draft is accepted. Its logits at pos draft
+    the token after `first` (if the step commits one token), at pos+1 the token after `bonus` (if
+    it commits two). A rejected draft leaves junk at pos+1 in both caches and at out[n+1]; the
     next step writes there first. Batches run in lockstep: two tokens only if every unfinished row
-    accepted. ins: tok (B, 1) pending, draft (B,), finished (B,) bool, pos.
-    Returns (first, bonus) (B, 2), accepted (B,) bool, both () bool, next draft (B,)."""
-    logits, h = model.forward_cached(torch.cat([ins["tok"], ins["draft"][:, None]], dim=1), cache, ins["pos"])
-    pick = _logits_of(logits, vocab_size).argmax(dim=-1)
-    accepted = pick[:, 0] == ins["draft"]
-    both = (accepted | ins["finished"]).all()
-    drafts = _logits_of(model.mtp_cached(h, pick, cache, ins["pos"])[0], vocab_size).argmax(dim=-1)
-    return pick, accepted, both, torch.where(both, drafts[:, 1], drafts[:, 0])
+    accepted. Once every row has finished (eot), n stops moving."""
+    out, n, fin = st["out"], st["n"], st["finished"]
+    B = out.shape[0]
+    pos = n - 1 - st["s"]
+    pending = out.gather(1, (n - 1).expand(B, 1))
+    logits, h = model.forward_cached(torch.cat([pending, st["draft"][:, None]], dim=1), cache, pos)
+    pick = _logits_of(logits, vocab_size).argmax(dim=-1)  # (B, 2): first, bonus
+    accepted, live = pick[:, 0] == st["draft"], ~fin
+    both = (accepted | fin).all()
+    drafts = _logits_of(model.mtp_cached(h, pick, cache, pos)[0], vocab_size).argmax(dim=-1)
+    tok = pick
+    if eot is not None:  # a finished row writes eot; a row finishes at its first eot
+        t0 = torch.where(fin, eot, pick[:, 0])
+        f1 = fin | (t0 == eot)
+        t1 = torch.where(f1, eot, pick[:, 1])
+        tok = torch.stack([t0, t1], dim=1)
+        fin.copy_(torch.where(both, f1 | (t1 == eot), f1))
+    out.scatter_(1, n + torch.arange(2, device=out.device).expand(B, 2), tok)
+    go = live.any().long()
+    st["accepted"].add_((accepted & live).sum())
+    st["drafted"].add_(live.sum())
+    st["steps"].add_(go)
+    st["draft"].copy_(torch.where(both, drafts[:, 1], drafts[:, 0]))
+    n.add_((1 + both.long()) * go)
 
 
 _STEPS = {"main": _main_step, "mtp": _mtp_step, "spec": _greedy_spec_step}
@@ -177,10 +197,13 @@ class DecodeSteps:
     Build this BEFORE the prefill: warm-up runs write junk into the first cache slots, which the
     prefill then overwrites (and later slots are masked).
     shapes: the (kind, T) steps to prepare (T = 2 for 'spec'); others run eagerly when asked for.
-    vocab_size: the 'spec' step only picks ids below it."""
+    state, vocab_size, eot: the 'spec' step's state tensors (they are its inputs and outputs, read
+    and written in place) and constants (_greedy_spec_step)."""
 
-    def __init__(self, model, cache, batch_size, device, shapes, cuda_graph=True, compile=False, vocab_size=None):
-        self.model, self.cache, self.vocab_size = model, cache, vocab_size
+    def __init__(self, model, cache, batch_size, device, shapes, cuda_graph=True, compile=False,
+                 vocab_size=None, state=None, eot=None):
+        self.model, self.cache, self.state = model, cache, state
+        self.spec_kw = {"vocab_size": vocab_size, "eot": eot}
         self.steps = {}
         graph = cuda_graph and torch.device(device).type == "cuda"
         if not (graph or compile):
@@ -192,7 +215,9 @@ class DecodeSteps:
                    "h": torch.zeros(batch_size, T, d, dtype=dt, device=device),
                    "draft": torch.zeros(batch_size, dtype=torch.long, device=device),
                    "finished": torch.zeros(batch_size, dtype=torch.bool, device=device)}
-            fn, kw = _step_fn(kind, compile), {"vocab_size": vocab_size} if kind == "spec" else {}
+            fn, kw = _step_fn(kind, compile), self.spec_kw if kind == "spec" else {}
+            if kind == "spec":
+                ins = state
             run = lambda fn=fn, ins=ins, kw=kw: fn(model, ins, cache, **kw)  # noqa: E731
             if not graph:
                 self.steps[(kind, T)] = (None, ins, run)
@@ -209,14 +234,15 @@ class DecodeSteps:
             self.steps[(kind, T)] = (g, ins, outs)
 
     def _run(self, kind, T, pos, **inputs):
-        if (kind, T) not in self.steps:  # eagerly, with an int position
-            ins = dict(inputs, pos=pos)
-            kw = {"vocab_size": self.vocab_size} if kind == "spec" else {}
-            return _STEPS[kind](self.model, ins, self.cache, **kw)
+        if (kind, T) not in self.steps:  # eagerly (main, mtp: with an int position)
+            if kind == "spec":
+                return _greedy_spec_step(self.model, self.state, self.cache, **self.spec_kw)
+            return _STEPS[kind](self.model, dict(inputs, pos=pos), self.cache)
         g, ins, outs = self.steps[(kind, T)]
         for k, v in inputs.items():
             ins[k].copy_(v)
-        ins["pos"].fill_(pos)
+        if pos is not None:
+            ins["pos"].fill_(pos)
         if g is None:
             return outs()
         g.replay()
@@ -230,9 +256,9 @@ class DecodeSteps:
         """mtp_cached(h, tok, pos) -> (draft logits, hidden)"""
         return self._run("mtp", tok.shape[1], pos, h=h, tok=tok)
 
-    def spec(self, tok, draft, finished, pos):
-        """_greedy_spec_step -> (first, bonus) (B, 2), accepted (B,), both (), next draft (B,)"""
-        return self._run("spec", 2, pos, tok=tok, draft=draft, finished=finished)
+    def spec(self):
+        """_greedy_spec_step on the state"""
+        self._run("spec", 2, None)
 
 
 # -----------------------------------------------------------------------------
@@ -316,8 +342,8 @@ def window_starts(prompt_len, total_len, block_size):
 
 @torch.no_grad()
 def generate_speculative(model, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None,
-                         eot=None, generator=None, *, vocab_size=None, on_tokens=None, cuda_graph=False,
-                         compile=False):
+                         eot=None, generator=None, *, vocab_size=None, on_tokens=None, sync_every=16,
+                         cuda_graph=False, compile=False):
     """Like generate(), but the MTP module (depth 0) drafts the token after next and the main model
     checks it: each step feeds [last token, draft] to forward_cached as a 2-token chunk, so one
     step can commit two tokens. Greedy (temperature 0) gives exactly generate()'s tokens in fp32;
@@ -328,6 +354,11 @@ def generate_speculative(model, idx, max_new_tokens, temperature=1.0, top_k=None
     Returns (tokens (B, T + n), stats {'accepted', 'drafted', 'steps'}), where drafted counts the
     drafts checked (per unfinished row), accepted those the main model kept, steps the main-model
     forwards after the prompt.
+
+    Greedy runs ahead: up to sync_every fused steps (_greedy_spec_step: verify, commit, draft; the
+    count of tokens lives on the device) between host syncs, as many as cannot reach the end of
+    the window or of the generation even if each commits two tokens. on_tokens is called at the
+    syncs. Sampling decides on the host after every step (one sync per step).
 
     Batch > 1 runs in lockstep, since forward_cached takes one start position for all rows: a step
     commits two tokens for every row only if every unfinished row accepted its draft, else one
@@ -353,8 +384,12 @@ def generate_speculative(model, idx, max_new_tokens, temperature=1.0, top_k=None
     if max_new_tokens == 0:
         return out[:, :P], stats
     greedy = temperature == 0
-    finished = torch.zeros(B, dtype=torch.bool, device=idx.device)
-    accepted_sum = torch.zeros((), dtype=torch.long, device=idx.device)
+    dev = idx.device
+    finished = torch.zeros(B, dtype=torch.bool, device=dev)
+    accepted_sum = torch.zeros((), dtype=torch.long, device=dev)
+    # greedy's device-side state (_greedy_spec_step), counters included
+    st = {"out": out, "finished": finished, "draft": torch.zeros(B, dtype=torch.long, device=dev),
+          **{k: torch.zeros((), dtype=torch.long, device=dev) for k in ("n", "s", "accepted", "drafted", "steps")}}
 
     def draft_from(mtp_logits):
         """-> (draft token (B,), its distribution q (B, V) or None when greedy)."""
@@ -373,12 +408,11 @@ def generate_speculative(model, idx, max_new_tokens, temperature=1.0, top_k=None
 
     def commit(tokens, n):
         """Write tokens (B, k) at n.., applying end-of-text; -> new n."""
-        nonlocal finished
         for j in range(tokens.shape[1]):
             tok = tokens[:, j]
             if eot is not None:
                 tok = torch.where(finished, eot, tok)
-                finished = finished | (tok == eot)
+                finished.logical_or_(tok == eot)
             out[:, n + j] = tok
         if on_tokens is not None:
             k = min(tokens.shape[1], P + max_new_tokens - n)
@@ -389,7 +423,10 @@ def generate_speculative(model, idx, max_new_tokens, temperature=1.0, top_k=None
         cache = _cache_of(model, B)
         # greedy: one fused step (the rare 1-token steps run eagerly); sampling: the four pieces
         shapes = [("spec", 2)] if greedy else [("main", 1), ("main", 2), ("mtp", 1), ("mtp", 2)]
-        steps = DecodeSteps(model, cache, B, idx.device, shapes, cuda_graph, compile, vocab_size)
+        steps = DecodeSteps(model, cache, B, dev, shapes, cuda_graph, compile, vocab_size, st, eot)
+        for k in ("accepted", "drafted", "steps"):  # (warm-up runs moved them)
+            st[k].zero_()
+        finished.zero_()
         n = P
         s = max(0, P - bs)
         draft = refill(s, n)
@@ -399,6 +436,22 @@ def generate_speculative(model, idx, max_new_tokens, temperature=1.0, top_k=None
                 draft = refill(s, n)
             pos = n - 1 - s                 # position of the pending token
             pending = out[:, n - 1:n].clone()
+            if greedy and draft is not None and pos + 1 < bs:
+                # k fused steps, then one sync; each step starts at n <= limit - 1 (pos + 1 < bs)
+                k = min(sync_every, (min(s + bs, P + max_new_tokens) - 1 - n) // 2 + 1)
+                st["n"].fill_(n)
+                st["s"].fill_(s)
+                st["draft"].copy_(draft[0])
+                for _ in range(k):
+                    steps.spec()
+                n_new, n_live = torch.stack([st["n"], (~finished).sum()]).tolist()
+                if on_tokens is not None and n_new > n:
+                    on_tokens(out[:, n:min(n_new, P + max_new_tokens)])
+                n = n_new
+                if n_live == 0:
+                    break
+                draft = (st["draft"], None) if n - s <= bs and n < P + max_new_tokens else None
+                continue
             stats["steps"] += 1
             if draft is None or pos + 1 >= bs:
                 # no draft (a 1-token window) or no room for it: an ordinary step
@@ -411,16 +464,12 @@ def generate_speculative(model, idx, max_new_tokens, temperature=1.0, top_k=None
                 if n - s <= bs and n < P + max_new_tokens:
                     draft = draft_from(steps.mtp(h, out[:, n - 1:n].clone(), pos)[0][:, -1])
                 continue
-            d, q = draft
-            if greedy:  # verify and draft in one step (_greedy_spec_step): the MTP cache is updated too
-                pick, acc, all_acc, nd = steps.spec(pending, d, finished, pos)
-                first, bonus = pick[:, 0], pick[:, 1]
-            else:
-                logits, h = steps.main(torch.cat([pending, d[:, None]], dim=1), pos)
-                logits = _logits_of(logits, vocab_size)
-                acc, first = speculative_accept(_probs(logits[:, 0], temperature, top_k, top_p), q, d, generator)
-                bonus = _draw(_probs(logits[:, 1], temperature, top_k, top_p), generator)
-                all_acc = (acc | finished).all()
+            d, q = draft  # sampling from here on
+            logits, h = steps.main(torch.cat([pending, d[:, None]], dim=1), pos)
+            logits = _logits_of(logits, vocab_size)
+            acc, first = speculative_accept(_probs(logits[:, 0], temperature, top_k, top_p), q, d, generator)
+            bonus = _draw(_probs(logits[:, 1], temperature, top_k, top_p), generator)
+            all_acc = (acc | finished).all()
             live = ~finished
             accepted_sum += (acc & live).sum()
             # the step's one host sync: did every unfinished row accept, and are any left?
@@ -431,19 +480,19 @@ def generate_speculative(model, idx, max_new_tokens, temperature=1.0, top_k=None
             stats["drafted"] += n_live
             if both:  # every row kept its draft: commit it and the bonus token
                 n = commit(torch.stack([first, bonus], dim=1), n)
-                hh, nxt = (None, None) if greedy else (h, out[:, n - 2:n].clone())
+                hh, nxt = h, out[:, n - 2:n].clone()
             else:
                 n = commit(first[:, None], n)
-                hh, nxt = (None, None) if greedy else (h[:, :1].contiguous(), out[:, n - 1:n].clone())
+                hh, nxt = h[:, :1].contiguous(), out[:, n - 1:n].clone()
+            # keep the MTP cache in step with the accepted tokens: (hidden of token j, token j+1)
+            # at j = pos.. ; its last logits draft the next token
             draft = None
             if n - s <= bs and n < P + max_new_tokens:
-                if greedy:
-                    draft = nd.clone(), None  # (a copy: the next replay overwrites the graph's outputs)
-                else:
-                    # keep the MTP cache in step with the accepted tokens: (hidden of token j,
-                    # token j+1) at j = pos.. ; its last logits draft the next token
-                    draft = draft_from(steps.mtp(hh, nxt, pos)[0][:, -1])
-    stats["accepted"] = int(accepted_sum)
+                draft = draft_from(steps.mtp(hh, nxt, pos)[0][:, -1])
+    acc, drafted, steps_ = torch.stack([accepted_sum + st["accepted"], st["drafted"], st["steps"]]).tolist()
+    stats["accepted"] = acc
+    stats["drafted"] += drafted
+    stats["steps"] += steps_
     return out[:, :min(n, P + max_new_tokens)], stats
 
 
