@@ -266,14 +266,16 @@ class MLA(nn.Module):
                 mask = torch.ones(T, end, dtype=torch.bool, device=x.device).tril(diagonal=start_pos)
         w = self.wkv_b.weight.view(self.n_head, self.dn + self.dv, self.rank)
         w_uk, w_uv = w[:, :self.dn], w[:, self.dn:]
-        q_lat = torch.einsum("bthd,hdc->bhtc", q_nope, w_uk)                    # (B, H, T, rank)
-        q_all = torch.cat([q_lat, q_pe.transpose(1, 2)], dim=-1)               # (B, H, T, rank+dr)
-        k_all = torch.cat([kv_cache[:B, :end], pe_cache[:B, :end]], dim=-1).type_as(q_all).unsqueeze(1)
-        v_all = kv_cache[:B, :end].type_as(q_all).unsqueeze(1)
-        y = F.scaled_dot_product_attention(q_all, k_all.expand(-1, self.n_head, -1, -1),
-                                           v_all.expand(-1, self.n_head, -1, -1),
-                                           attn_mask=mask, scale=self.scale)    # (B, H, T, rank)
-        y = torch.einsum("bhtc,hdc->bthd", y, w_uv)
+        q_lat = torch.einsum("bthd,hdc->bthc", q_nope, w_uk)                    # (B, T, H, rank)
+        c, k_pe = kv_cache[:B, :end].type_as(q_lat), pe_cache[:B, :end].type_as(q_lat)
+        # Every head reads the same cached latent and rotary key, so this is plain matmuls, written
+        # out rather than SDPA: SDPA would need the latents expanded per head, and its cuDNN path
+        # builds a new plan for every new cache length (each eager decoding step).
+        scores = (torch.einsum("bthc,bsc->bths", q_lat, c) + torch.einsum("bthr,bsr->bths", q_pe, k_pe)) * self.scale
+        if mask is not None:
+            scores = scores.masked_fill(~mask[:, None], float("-inf"))
+        p = scores.float().softmax(dim=-1).type_as(q_lat)                     # (B, T, H, S)
+        y = torch.einsum("bthc,hdc->bthd", torch.einsum("bths,bsc->bthc", p, c), w_uv)
         return self.wo(y.reshape(B, T, -1))
 
 

@@ -23,6 +23,7 @@ import codecs
 import os
 import sys
 import time
+from contextlib import nullcontext
 
 import torch
 
@@ -209,7 +210,7 @@ class DecodeSteps:
         if not (graph or compile):
             return
         d, dt = model.args.n_embd, model.tok_emb.weight.dtype
-        for kind, T in shapes:
+        for kind, T in [(k, T) for k, T in shapes if T <= model.args.block_size]:
             ins = {"tok": torch.zeros(batch_size, 1 if kind == "spec" else T, dtype=torch.long, device=device),
                    "pos": torch.zeros((), dtype=torch.long, device=device),
                    "h": torch.zeros(batch_size, T, d, dtype=dt, device=device),
@@ -219,14 +220,21 @@ class DecodeSteps:
             if kind == "spec":
                 ins = state
             run = lambda fn=fn, ins=ins, kw=kw: fn(model, ins, cache, **kw)  # noqa: E731
+            # warm up (compilation, allocations, lazy init), on a side stream before a capture; a
+            # 'spec' warm-up advances the state's n: put it back each time, so the writes stay at
+            # out[n], out[n + 1] (the caller sets n and s so that they are in bounds)
+            n0 = state["n"].clone() if kind == "spec" else None
+            side = torch.cuda.Stream() if graph else None
+            if graph:
+                side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side) if graph else nullcontext():
+                for _ in range(2):
+                    run()
+                    if n0 is not None:
+                        state["n"].copy_(n0)
             if not graph:
                 self.steps[(kind, T)] = (None, ins, run)
                 continue
-            side = torch.cuda.Stream()
-            side.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(side):  # warm up outside the capture (compilation, allocations, lazy init)
-                for _ in range(2):
-                    run()
             torch.cuda.current_stream().wait_stream(side)
             g = torch.cuda.CUDAGraph()
             with torch.cuda.graph(g):
@@ -423,6 +431,8 @@ def generate_speculative(model, idx, max_new_tokens, temperature=1.0, top_k=None
         cache = _cache_of(model, B)
         # greedy: one fused step (the rare 1-token steps run eagerly); sampling: the four pieces
         shapes = [("spec", 2)] if greedy else [("main", 1), ("main", 2), ("mtp", 1), ("mtp", 2)]
+        st["n"].fill_(P)  # the warm-ups' step: pending token P - 1 at position 0, writes at out[P], out[P + 1]
+        st["s"].fill_(P - 1)
         steps = DecodeSteps(model, cache, B, dev, shapes, cuda_graph, compile, vocab_size, st, eot)
         for k in ("accepted", "drafted", "steps"):  # (warm-up runs moved them)
             st[k].zero_()
