@@ -20,6 +20,7 @@ launches (~740 per step, ~1.6 ms of GPU work in ~20 ms), not by the GPU. Specula
 """
 
 import codecs
+import functools
 import os
 import sys
 import time
@@ -135,7 +136,16 @@ def _mtp_step(model, ins, cache):
     return model.mtp_cached(ins["h"], ins["tok"], cache, ins["pos"])
 
 
-def _greedy_spec_step(model, st, cache, vocab_size=None, eot=None):
+def _verify_and_draft(model, tok, cache, pos, vocab_size=None):
+    """The model work of a greedy speculative step (the part compile=True compiles): tok (B, 2) =
+    [pending token, draft] at positions pos, pos+1 -> the main model's picks (B, 2) (first, bonus)
+    and the MTP's drafts (B, 2) from pairs (main hidden, next token) with next tokens = the picks."""
+    logits, h = model.forward_cached(tok, cache, pos)
+    pick = _logits_of(logits, vocab_size).argmax(dim=-1)
+    return pick, _logits_of(model.mtp_cached(h, pick, cache, pos)[0], vocab_size).argmax(dim=-1)
+
+
+def _greedy_spec_step(model, st, cache, vocab_size=None, eot=None, core=_verify_and_draft):
     """One step of greedy speculative decoding, with the generation's state on the device (st: the
     output buffer 'out' (B, L), token count 'n' and window start 's' (0-dim), 'draft' (B,),
     'finished' (B,) bool, counters 'accepted', 'drafted', 'steps'), updated in place. No host
@@ -148,16 +158,15 @@ def _greedy_spec_step(model, st, cache, vocab_size=None, eot=None):
     the token after `first` (if the step commits one token), at pos+1 the token after `bonus` (if
     it commits two). A rejected draft leaves junk at pos+1 in both caches and at out[n+1]; the
     next step writes there first. Batches run in lockstep: two tokens only if every unfinished row
-    accepted. Once every row has finished (eot), n stops moving."""
+    accepted. Once every row has finished (eot), n stops moving. core: _verify_and_draft, or its
+    compiled self (the bookkeeping here stays out of it: the output buffer's length varies)."""
     out, n, fin = st["out"], st["n"], st["finished"]
     B = out.shape[0]
     pos = n - 1 - st["s"]
     pending = out.gather(1, (n - 1).expand(B, 1))
-    logits, h = model.forward_cached(torch.cat([pending, st["draft"][:, None]], dim=1), cache, pos)
-    pick = _logits_of(logits, vocab_size).argmax(dim=-1)  # (B, 2): first, bonus
+    pick, drafts = core(model, torch.cat([pending, st["draft"][:, None]], dim=1), cache, pos, vocab_size)
     accepted, live = pick[:, 0] == st["draft"], ~fin
     both = (accepted | fin).all()
-    drafts = _logits_of(model.mtp_cached(h, pick, cache, pos)[0], vocab_size).argmax(dim=-1)
     tok = pick
     if eot is not None:  # a finished row writes eot; a row finishes at its first eot
         t0 = torch.where(fin, eot, pick[:, 0])
@@ -181,8 +190,10 @@ _compiled = {}  # the torch.compile'd steps, made once per process: dynamo keeps
 def _step_fn(kind, compile):
     if not compile:
         return _STEPS[kind]
+    if kind == "spec":
+        return functools.partial(_greedy_spec_step, core=_step_fn("core", True))
     if kind not in _compiled:
-        _compiled[kind] = torch.compile(_STEPS[kind], dynamic=False)
+        _compiled[kind] = torch.compile(_verify_and_draft if kind == "core" else _STEPS[kind], dynamic=False)
     return _compiled[kind]
 
 
