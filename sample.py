@@ -13,10 +13,10 @@ own semantics for a cropped context, like nanoGPT's crop, but in jumps so the ca
 The functions are importable (a benchmark uses them): filter_logits, generate,
 generate_speculative, speculative_accept, DecodeSteps. The command line is at the bottom.
 
-Measured once on an H100 (flagship ModelArgs, bf16 weights, eager, greedy, 200-256 new tokens):
-decode ~50 tokens/s at batch 1 and ~750-900 at batch 16; the 1-token step is bound by kernel
-launches (~740 per step, ~1.6 ms of GPU work in ~20 ms), not by the GPU. Speculative sampling with
-~45% of the drafts accepted ran 1.36x faster at batch 1; with drafts never accepted it costs ~15%.
+Decode steps run as CUDA graphs on CUDA (cuda_graph=True), optionally torch.compile'd too
+(compile=True); see DecodeSteps. Measured on an H100 (16x4, bf16, greedy, batch 1; README's
+Results): 46 tokens/s eager, 471 with graphs, 1,222 compiled + graphs; speculative 1.76x, 1.52x
+and 1.18x faster than each of those, with ~70% of the drafts accepted.
 """
 
 import codecs
@@ -205,7 +205,7 @@ class DecodeSteps:
     small kernels of a step into ~300). cuda_graph: on CUDA, capture each as a CUDA graph and
     replay it: one launch instead of hundreds. At these model sizes an eager step is bound by the
     CPU launching kernels, not by the GPU. With neither (or cuda_graph alone off CUDA) the steps
-    run eagerly with int positions.
+    run eagerly, 'main' and 'mtp' with int positions ('spec' reads its positions from its state).
     Build this BEFORE the prefill: warm-up runs write junk into the first cache slots, which the
     prefill then overwrites (and later slots are masked).
     shapes: the (kind, T) steps to prepare (T = 2 for 'spec'); others run eagerly when asked for.
@@ -222,14 +222,13 @@ class DecodeSteps:
             return
         d, dt = model.args.n_embd, model.tok_emb.weight.dtype
         for kind, T in [(k, T) for k, T in shapes if T <= model.args.block_size]:
-            ins = {"tok": torch.zeros(batch_size, 1 if kind == "spec" else T, dtype=torch.long, device=device),
-                   "pos": torch.zeros((), dtype=torch.long, device=device),
-                   "h": torch.zeros(batch_size, T, d, dtype=dt, device=device),
-                   "draft": torch.zeros(batch_size, dtype=torch.long, device=device),
-                   "finished": torch.zeros(batch_size, dtype=torch.bool, device=device)}
-            fn, kw = _step_fn(kind, compile), self.spec_kw if kind == "spec" else {}
             if kind == "spec":
-                ins = state
+                ins, kw = state, self.spec_kw
+            else:
+                ins, kw = {"tok": torch.zeros(batch_size, T, dtype=torch.long, device=device),
+                           "pos": torch.zeros((), dtype=torch.long, device=device),
+                           "h": torch.zeros(batch_size, T, d, dtype=dt, device=device)}, {}
+            fn = _step_fn(kind, compile)
             run = lambda fn=fn, ins=ins, kw=kw: fn(model, ins, cache, **kw)  # noqa: E731
             # warm up (compilation, allocations, lazy init), on a side stream before a capture; a
             # 'spec' warm-up advances the state's n: put it back each time, so the writes stay at

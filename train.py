@@ -64,7 +64,7 @@ use_checkpointing = False       # activation checkpointing per block: less memor
 use_liger = False               # Liger's fused linear cross-entropy (CUDA + liger-kernel installed)
 fsdp = False                    # under torchrun: shard params, grads and optimizer state (FSDP2) per
                                 # block instead of replicating them (DDP); bf16 params, fp32 reduce
-ddp_bucket_mb = 25              # DDP all-reduces gradients in buckets of this size as backward makes
+ddp_bucket_mb = 100             # DDP all-reduces gradients in buckets of this size as backward makes
                                 # them; under compile each bucket boundary also splits the graph
 reduce_dtype = "float32"        # gradients cross GPUs in this dtype (DDP and FSDP); 'bfloat16' halves
                                 # the bytes, at bf16's precision for the averaged gradient
