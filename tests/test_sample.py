@@ -246,16 +246,24 @@ def test_speculative_greedy_matches_plain(which, trained):
         assert drafted > 0
 
 
-def test_compiled_fixed_shape_steps_give_the_same_tokens(trained):
+def test_compiled_fixed_shape_steps_give_the_same_tokens(trained, monkeypatch):
     """compile=True runs DecodeSteps' fixed-shape steps (device-tensor positions, the whole cache
     under a mask: what a CUDA graph captures) through torch.compile: same greedy tokens as eager,
-    across a window slide, for plain and speculative decoding."""
+    across a window slide, for plain and speculative decoding; and a second generation of another
+    length reuses the compiled steps (a recompile per generation once made them 100x slower on a
+    GPU). The aot_eager backend keeps this fast: dynamo's capture is what can go wrong here."""
+    import functools
+    monkeypatch.setattr(sample, "_compiled", {})
+    monkeypatch.setattr(torch, "compile", functools.partial(torch.compile, backend="aot_eager"))
     m = trained
     x = (torch.arange(2)[:, None] * 7 + 3 * torch.arange(6)) % m.args.vocab_size
     plain = generate(m, x, 40, temperature=0)  # 46 tokens > block 32: one slide
     spec, st = generate_speculative(m, x, 40, temperature=0, compile=True)
     assert torch.equal(spec, plain) and st["accepted"] > 0
     assert torch.equal(generate(m, x, 40, temperature=0, compile=True), plain)
+    monkeypatch.setattr(torch._dynamo.config, "error_on_recompile", True)
+    assert torch.equal(generate_speculative(m, x, 20, temperature=0, compile=True)[0], plain[:, :26])
+    assert torch.equal(generate(m, x, 25, temperature=0, compile=True), plain[:, :31])
 
 
 def test_speculative_greedy_eot_and_lengths(trained):
