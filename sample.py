@@ -455,7 +455,6 @@ def generate_speculative(model, idx, max_new_tokens, temperature=1.0, top_k=None
                 s = n - W
                 draft = refill(s, n)
             pos = n - 1 - s                 # position of the pending token
-            pending = out[:, n - 1:n].clone()
             if greedy and draft is not None and pos + 1 < bs:
                 # k fused steps, then one sync; each step starts at n <= limit - 1 (pos + 1 < bs)
                 k = min(sync_every, (min(s + bs, P + max_new_tokens) - 1 - n) // 2 + 1)
@@ -473,6 +472,7 @@ def generate_speculative(model, idx, max_new_tokens, temperature=1.0, top_k=None
                 draft = (st["draft"], None) if n - s <= bs and n < P + max_new_tokens else None
                 continue
             stats["steps"] += 1
+            pending = out[:, n - 1:n].clone()
             if draft is None or pos + 1 >= bs:
                 # no draft (a 1-token window) or no room for it: an ordinary step
                 logits, h = steps.main(pending, pos)
