@@ -281,6 +281,13 @@ def test_grad_accum_not_divisible_by_world_size(tmp):
     one_line_error(run_train(tmp, "--gradient_accumulation_steps=3", check=False, env=env), "divisible")
 
 
+def test_bf16_gradient_reduce_needs_nccl(tmp):
+    """DDP's bf16 all-reduce hook is NCCL's: under gloo (CPU) it is refused before anything starts."""
+    env = {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "29999"}
+    one_line_error(run_train(tmp, "--gradient_accumulation_steps=2", "--reduce_dtype=bfloat16", check=False, env=env),
+                   "reduce_dtype", "CUDA")
+
+
 def test_wandb_offline(tmp):
     pytest.importorskip("wandb")
     p = run_train(tmp, "--max_iters=2", "--eval_interval=1000", "--wandb_log=True",
