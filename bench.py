@@ -257,6 +257,8 @@ def bench_sample():
         p.data = p.data.to(wdt)
     model.to(device).eval()
     a = model.args
+    if gen_tokens < 8:
+        raise SystemExit(f"error: gen_tokens={gen_tokens}: steady decode speed needs at least 8 new tokens")
     r = {"ckpt": ckpt or "random weights", "gen_tokens": gen_tokens, "dtype": str(wdt)}
     r["cache_bytes_per_token"], r["per_head_cache_bytes_per_token"] = model.cache_bytes_per_token(torch.bfloat16)
     val = f"{data_dir}/val.bin"
@@ -274,10 +276,11 @@ def bench_sample():
         sync()
         return time.perf_counter() - t0, out
 
-    def rate(gen, B, n0=32):
+    def rate(gen, B):
         """(steady tokens/s, end-to-end tokens/s, first call's seconds, output of the full run).
         Steady: the difference of a gen_tokens run and an n0-token run, so the setup (cache,
         prefill, graph capture) cancels out. The first call compiles, where there is compiling."""
+        n0 = gen_tokens // 8  # 32 of the default 256
         t_first, _ = wall(lambda: gen(B, n0))
         t0, _ = wall(lambda: gen(B, n0))
         t1, out = wall(lambda: gen(B, gen_tokens))
@@ -342,8 +345,7 @@ def bench_sample():
         if device_type == "cuda":  # what one 1-token step costs, and how many kernels it launches
             from torch.profiler import ProfilerActivity, profile
             tables = []
-            for name, kw in {"eager": dict(cuda_graph=False, compile=False),
-                             "compiled": dict(cuda_graph=False, compile=True)}.items():
+            for name, kw in {"eager": every["eager"], "compiled": dict(every["compiled_graph"], cuda_graph=False)}.items():
                 steps = DecodeSteps(model, model.make_cache(1, dtype=wdt), 1, device, [("main", 1)], **kw)
                 tok = prompt[:, :1]
                 for _ in range(3):
