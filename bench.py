@@ -29,7 +29,7 @@ twin = True                # also bench the dense twin (same active FFN width, n
 breakdown = True           # time each part of the step on its own
 use_liger = False          # also bench with Liger's fused linear cross-entropy, if installed
 cudnn_first = False        # put cuDNN attention first in SDPA's priority (takes MLA's 96/64 dims)
-finite_check = True        # train.py's per-step isfinite(grad norm) test (one host sync per step)
+finite_check = True        # train.py's skip of a non-finite step, on the device (fused AdamW's found_inf)
 check = True               # on CUDA: grouped experts vs the loop reference, no-sync and fullgraph checks
 out_json = ""              # write all numbers here too
 profile_file = ""          # write a torch.profiler table of the 16x4 step's kernels here
@@ -116,7 +116,7 @@ def make_step(args, liger=False):
         flce = LigerFusedLinearCrossEntropyLoss()
         # Liger's kernels don't trace under torch.compile (2.11): run them eagerly inside the graph
         model.fused_ce = torch.compiler.disable(lambda w, h, t: flce(w, h, t))
-    opt = model.configure_optimizers(0.1, 1e-4, (0.9, 0.95), device_type)
+    opt = model.configure_optimizers(0.1, 1e-4, (0.9, 0.95))
     fwd = torch.compile(model, dynamic=False) if compile else model
     g = torch.Generator(device="cpu").manual_seed(seed)
     x = torch.randint(0, args.vocab_size, (B, T), generator=g).to(device)
@@ -127,9 +127,11 @@ def make_step(args, liger=False):
             _, loss = fwd(x, y)
         loss.backward()
         norm = torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        if not finite_check or torch.isfinite(norm):
-            opt.step()
-            model.update_expert_bias()
+        finite = torch.isfinite(norm).float() if finite_check else None
+        if finite_check:
+            opt.found_inf = 1.0 - finite
+        opt.step()
+        model.update_expert_bias(finite)
         opt.zero_grad(set_to_none=True)
     return model, opt, step, x, y
 

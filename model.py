@@ -611,10 +611,11 @@ class DeepSeekV3(nn.Module):
 
     # ---- the auxiliary-loss-free balancing step ------------------------------------------------
     @torch.no_grad()
-    def update_expert_bias(self):
+    def update_expert_bias(self, scale=None):
         """Once per optimizer step: b_i += speed * sign(mean_load - load_i) from the tokens counted
         since the last call (summed over ranks when distributed), re-centred, then the counts are
-        cleared. Runs on the device, no host sync. Returns the mean MaxVio (max/mean load - 1)."""
+        cleared. Runs on the device, no host sync. `scale` (a 0-d tensor, 0 or 1) lets train.py skip
+        a non-finite step's update without asking the host. Returns the mean MaxVio (max/mean - 1)."""
         layers = self.moe_layers()
         if not layers:
             return None
@@ -623,6 +624,8 @@ class DeepSeekV3(nn.Module):
             torch.distributed.all_reduce(counts)
         mean = counts.mean(-1, keepdim=True)
         delta = self.args.bias_update_speed * torch.sign(mean - counts)
+        if scale is not None:
+            delta = delta * scale
         for m, dl in zip(layers, delta):
             m.gate.bias.add_(dl)
             m.gate.bias.sub_(m.gate.bias.mean())  # a common shift changes no choice: keep it near 0
@@ -713,7 +716,7 @@ class DeepSeekV3(nn.Module):
         """Model FLOPs utilisation against peak_flops (default: H100 SXM bf16 dense, 989 TFLOP/s)."""
         return self.estimate_flops_per_token() * tokens_per_s / peak_flops
 
-    def configure_optimizers(self, weight_decay, learning_rate, betas, device_type):
+    def configure_optimizers(self, weight_decay, learning_rate, betas):
         """AdamW; weight decay on matrices (2-D and the 3-D expert stacks) only, never on norms.
         The expert bias is a buffer, so the optimizer never sees it."""
         params = [p for p in self.parameters() if p.requires_grad]
@@ -721,8 +724,8 @@ class DeepSeekV3(nn.Module):
         no_decay = [p for p in params if p.dim() < 2]
         groups = [{"params": decay, "weight_decay": weight_decay},
                   {"params": no_decay, "weight_decay": 0.0}]
-        fused = device_type == "cuda"
-        return torch.optim.AdamW(groups, lr=learning_rate, betas=betas, fused=fused)
+        # fused: one kernel for all parameters, and it can skip a step on the device (found_inf)
+        return torch.optim.AdamW(groups, lr=learning_rate, betas=betas, fused=True)
 
 
 # -----------------------------------------------------------------------------

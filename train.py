@@ -39,8 +39,11 @@ wandb_project = "deepseek-v3-tinystories"
 wandb_run_name = "run"
 # data
 data_dir = "data/tinystories"   # train.bin / val.bin / meta.json from prepare.py
-gradient_accumulation_steps = 1  # micro-steps per optimizer step, summed over all ranks
-batch_size = 64                 # micro-batch size per rank
+# one optimizer step = gradient_accumulation_steps micro-batches of batch_size sequences, whatever the
+# number of GPUs: the ranks share out the micro-steps, and where those do not go round (1 micro-step
+# on 2 GPUs), each micro-batch too
+gradient_accumulation_steps = 1  # micro-steps per optimizer step, over all ranks together
+batch_size = 64                 # sequences per micro-step (per rank, unless ranks share micro-batches)
 seed = 1337
 # model: every ModelArgs field is a knob here too; the defaults are the 16x4 flagship (model.py)
 globals().update({f.name: f.default for f in fields(ModelArgs)})
@@ -85,13 +88,19 @@ def die(msg):
 ddp = int(os.environ.get("RANK", -1)) != -1
 if ddp:
     rank, local_rank, world_size = int(os.environ["RANK"]), int(os.environ["LOCAL_RANK"]), int(os.environ["WORLD_SIZE"])
-    if gradient_accumulation_steps % world_size:
-        die(f"gradient_accumulation_steps={gradient_accumulation_steps} is not divisible by the world size {world_size}")
-    gradient_accumulation_steps //= world_size
+    # the ranks form rank_groups groups of `share`: the ranks of a group split one micro-batch in slices
+    rank_groups = math.gcd(gradient_accumulation_steps, world_size)
+    share = world_size // rank_groups
+    if batch_size % share:
+        die(f"{gradient_accumulation_steps} micro-step(s) of batch_size={batch_size} cannot be shared out "
+            f"evenly over {world_size} ranks: make batch_size divisible by {share}")
+    gradient_accumulation_steps //= rank_groups
 else:
-    rank, local_rank, world_size = 0, 0, 1
+    rank, local_rank, world_size, rank_groups, share = 0, 0, 1, 1, 1
     if fsdp:
         die("fsdp=True shards the model over processes: launch with torchrun (e.g. --nproc_per_node=2)")
+rows = batch_size // share  # sequences per rank per micro-step
+rank_group, part = rank // share, rank % share  # which micro-steps this rank runs, which slice of them
 master = rank == 0
 
 # ---- device and precision --------------------------------------------------------------------
@@ -151,17 +160,17 @@ if os.path.isfile(meta_path):
         die(f"{meta_path} is unreadable ({e}): re-run prepare.py")
     if meta_vocab > vocab_size:
         die(f"the data's vocabulary ({meta_vocab} tokens, {meta_path}) does not fit vocab_size={vocab_size}")
-tokens_per_iter = gradient_accumulation_steps * world_size * batch_size * block_size
+tokens_per_iter = gradient_accumulation_steps * world_size * rows * block_size
 
 
 def get_batch(split, it, micro):
-    """Batch number (it, micro) of the run: drawn from its own seeded generator, so a resumed run and
-    a run on any number of ranks see exactly the same batches in the same order."""
+    """This rank's slice of micro-batch number (it, micro) of the run, drawn from its own seeded
+    generator, so a resumed run and a run on any number of ranks see exactly the same batches."""
     # re-open the memmap every batch: a long-lived np.memmap leaks memory (nanoGPT's note)
     data = np.memmap(os.path.join(data_dir, f"{split}.bin"), dtype=np.uint16, mode="r")
     key = ((seed * 2 + (split == "val")) * 1_000_003 + it + 1) * 65_537 + micro  # no hash(): it is salted
     g = torch.Generator().manual_seed(key % 2**63)
-    ix = torch.randint(len(data) - block_size, (batch_size,), generator=g).tolist()
+    ix = torch.randint(len(data) - block_size, (batch_size,), generator=g).tolist()[part * rows:(part + 1) * rows]
     xy = np.stack([data[i:i + block_size + 1] for i in ix]).astype(np.int64)
     if xy.max() >= vocab_size:
         die(f"{split}.bin holds token id {xy.max()} >= vocab_size={vocab_size}: wrong data or tokenizer")
@@ -227,10 +236,12 @@ if fsdp:
             unit.compile(dynamic=False)  # per block: FSDP's hooks stay outside the compiled graphs
         fully_shard(unit, mp_policy=mp)
     fully_shard(model, mp_policy=mp)
-optimizer = model.configure_optimizers(weight_decay, learning_rate, (beta1, beta2), device_type)
+optimizer = model.configure_optimizers(weight_decay, learning_rate, (beta1, beta2))
 if ckpt is not None:
     if "optimizer" in ckpt:  # stored unsharded and keyed by parameter name: loads at any world size
         set_optimizer_state_dict(model, optimizer, ckpt["optimizer"], options=StateDictOptions(full_state_dict=True))
+        for group in optimizer.param_groups:  # a checkpoint's own choice (an older unfused one) loses:
+            group["fused"], group["foreach"] = True, None  # the loop needs fused AdamW's found_inf
     elif master:
         print("note: the checkpoint has no optimizer state; starting a fresh optimizer")
     if "rng" in ckpt and rank == 0:
@@ -256,7 +267,7 @@ if master:
     print(f"parameters: {n['total'] / 1e6:.2f}M total, {n['active'] / 1e6:.2f}M active per token, "
           f"{n['embedding'] / 1e6:.2f}M embedding, {n['mtp'] / 1e6:.2f}M in MTP")
     print(f"tokens per iteration: {tokens_per_iter:,} ({world_size} rank(s) x {gradient_accumulation_steps} "
-          f"micro-steps x {batch_size} x {block_size})")
+          f"micro-steps x {rows} x {block_size})")
     os.makedirs(out_dir, exist_ok=True)
 
 
@@ -268,7 +279,7 @@ def estimate_loss():
     for split in ("train", "val"):
         losses = torch.zeros(eval_iters, device=device)
         for k in range(eval_iters):
-            X, Y = get_batch(split, -1, k * world_size + rank)  # the same eval batches every time
+            X, Y = get_batch(split, -1, k * rank_groups + rank_group)  # the same eval batches every time
             with ctx:
                 losses[k] = model(X, Y)[1]
         if ddp:
@@ -337,16 +348,42 @@ if wandb_log and master:
     wandb.init(project=wandb_project, name=wandb_run_name, config=config)
 
 # ---- the loop --------------------------------------------------------------------------------
-X, Y = get_batch("train", iter_num, rank * gradient_accumulation_steps)
+X, Y = get_batch("train", iter_num, rank_group * gradient_accumulation_steps)
 stop_flag = torch.zeros((), device=device)  # set by fill_, never by torch.tensor(..., device): no sync
-t0 = time.time()
-local_iter, bad_steps, running_mfu, maxvio, stop = 0, 0, -1.0, None, False
+# the logged speed is the mean over all iterations since the previous log line (one iteration's time
+# alone varies by +-10%), with evaluation and checkpointing time left out
+t_window, n_window, t_paused = time.time(), 0, 0.0
+local_iter, bad_steps, running_mfu, maxvio, stop, last = 0, 0, -1.0, None, False, None
+
+
+def check_step(step):
+    """Reads a finished step's (finite, stop) flags; counts non-finite steps and stops the run after
+    max_bad_steps in a row. Returns whether a stop signal has reached any rank."""
+    global bad_steps
+    it, flags, done, norm = step
+    if done is not None:
+        done.synchronize()
+    finite, stop_now = flags.tolist()
+    if finite:
+        bad_steps = 0
+    else:
+        bad_steps += 1
+        if master:
+            print(f"iter {it}: non-finite loss or gradient norm ({norm.item()}), step skipped "
+                  f"({bad_steps}/{max_bad_steps})")
+        if bad_steps >= max_bad_steps:
+            die(f"{bad_steps} non-finite steps in a row at iter {it}; stopping. The last good "
+                f"checkpoint ({ckpt_path}) is untouched: lower learning_rate or check the data")
+    return bool(stop_now)
+
+
 while True:
     lr = get_lr(iter_num)
     for group in optimizer.param_groups:
         group["lr"] = lr
 
     if iter_num % eval_interval == 0:
+        t_eval = time.time()
         losses = estimate_loss()  # every rank takes part (the losses are all-reduced)
         if master:
             print(f"step {iter_num}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}")
@@ -354,6 +391,7 @@ while True:
         if (losses["val"] < best_val_loss or always_save_checkpoint) and iter_num > 0:  # same on all ranks
             best_val_loss = min(best_val_loss, losses["val"])
             save_checkpoint()
+        t_paused += time.time() - t_eval
     if (iter_num == 0 and eval_only) or iter_num > max_iters:
         break
 
@@ -369,45 +407,48 @@ while True:
         # prefetch the next batch while the GPU works on this one
         nxt = micro + 1 < gradient_accumulation_steps
         X, Y = get_batch("train", iter_num if nxt else iter_num + 1,
-                         rank * gradient_accumulation_steps + (micro + 1 if nxt else 0))
+                         rank_group * gradient_accumulation_steps + (micro + 1 if nxt else 0))
         loss.backward()
         loss_sum += loss.detach()
     # the gradient norm (clipped if grad_clip > 0) also tells us whether the step is finite
     norm = torch.nn.utils.clip_grad_norm_(raw_model.parameters(), grad_clip if grad_clip > 0 else float("inf"))
     if hasattr(norm, "full_tensor"):  # FSDP: a DTensor
         norm = norm.full_tensor()
-    # a signal may reach the ranks at different steps: all stop together, after this step
+    # The step never waits for the GPU. A non-finite step is skipped on the device: fused AdamW
+    # leaves parameters and moments alone when found_inf is 1 (GradScaler's mechanism), and the bias
+    # update is scaled by 0. The host learns of it (and of a stop signal) one step later, from a copy
+    # that has long arrived by then; waiting here would leave the GPU idle while the CPU launches the
+    # next step (measured on H100/H200: 5-8 ms per step).
+    finite = torch.isfinite(norm).float()
+    optimizer.found_inf = 1.0 - finite
+    optimizer.step()
+    maxvio = raw_model.update_expert_bias(finite)  # all-reduced counts: identical biases on every rank
+    # a signal may reach the ranks at different steps: all stop together, after the same step
     stop_flag.fill_(float(stop_signal is not None))
     if ddp:
         dist.all_reduce(stop_flag, op=dist.ReduceOp.MAX)
-    finite, stop = torch.stack([torch.isfinite(norm).float(), stop_flag]).tolist()  # the step's one host sync
-    if finite:
-        optimizer.step()
-        maxvio = raw_model.update_expert_bias()  # all-reduced counts: identical biases on every rank
-        bad_steps = 0
-    else:
-        bad_steps += 1
-        for m in raw_model.moe_layers():
-            m.tokens_per_expert.zero_()
-        if master:
-            print(f"iter {iter_num}: non-finite loss or gradient norm ({norm.item()}), step skipped "
-                  f"({bad_steps}/{max_bad_steps})")
-        if bad_steps >= max_bad_steps:
-            die(f"{bad_steps} non-finite steps in a row at iter {iter_num}; stopping. The last good "
-                f"checkpoint ({ckpt_path}) is untouched: lower learning_rate or check the data")
+    flags = torch.stack([finite, stop_flag]).to("cpu", non_blocking=True)
+    done = torch.cuda.Event() if device_type == "cuda" else None
+    if done is not None:
+        done.record()
+    stop = check_step(last) if last is not None else False  # the previous step's flags
+    last = (iter_num, flags, done, norm)
     optimizer.zero_grad(set_to_none=True)
 
-    t1 = time.time()
-    dt, t0 = t1 - t0, t1
+    n_window += 1
     if iter_num % log_interval == 0:
+        t1 = time.time()
+        dt = (t1 - t_window - t_paused) / n_window  # seconds per iteration
+        compiling = local_iter + 1 - n_window < 2  # the window holds the first two (compiling) iterations
+        t_window, n_window, t_paused = t1, 0, 0.0
         if ddp:
             dist.all_reduce(loss_sum, op=dist.ReduceOp.AVG)
         if master:
             lossf = loss_sum.item()
-            if local_iter >= 5:  # let the first iterations (compilation) pass
+            if not compiling:
                 mfu = flops_per_token * tokens_per_iter / dt / (989e12 * world_size)  # per H100 (bf16 dense peak)
                 running_mfu = mfu if running_mfu == -1.0 else 0.9 * running_mfu + 0.1 * mfu
-            mv = maxvio.item() if maxvio is not None and bad_steps == 0 else float("nan")
+            mv = maxvio.item() if maxvio is not None and finite.item() else float("nan")
             mfu_s = f"{running_mfu * 100:.1f}%" if running_mfu >= 0 and device_type == "cuda" else "n/a"
             print(f"iter {iter_num}: loss {lossf:.4f}, lr {lr:.2e}, time {dt * 1000:.0f}ms, "
                   f"{tokens_per_iter / dt:,.0f} tok/s, mfu {mfu_s}, "
@@ -423,6 +464,8 @@ while True:
         save_checkpoint()
         break
 
+if last is not None:
+    check_step(last)  # the last step's flags: report (or stop on) its being non-finite
 final_save = torch.tensor(float(always_save_checkpoint or not os.path.exists(ckpt_path)), device=device)
 if ddp:  # rank 0's filesystem decides (FSDP's gather needs every rank)
     dist.broadcast(final_save, src=0)

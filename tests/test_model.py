@@ -286,7 +286,7 @@ def test_bias_is_a_saved_fp32_buffer_outside_the_optimizer():
     bias_keys = [k for k in sd if k.endswith("gate.bias")]
     assert bias_keys and all(sd[k].dtype == torch.float32 for k in bias_keys)
     assert not any(k.endswith("tokens_per_expert") for k in sd)
-    opt = m.configure_optimizers(0.1, 1e-3, (0.9, 0.95), "cpu")
+    opt = m.configure_optimizers(0.1, 1e-3, (0.9, 0.95))
     in_opt = {id(p) for g in opt.param_groups for p in g["params"]}
     assert all(id(m.get_buffer(k)) not in in_opt for k in bias_keys)
     decayed = {id(p) for p in opt.param_groups[0]["params"]}
@@ -459,7 +459,7 @@ def test_overfits_one_batch():
     m = model_of(a).train()
     x = tokens(a, B=4, T=32)
     y = torch.roll(x, -1, dims=1)
-    opt = m.configure_optimizers(0.0, 3e-3, (0.9, 0.95), "cpu")
+    opt = m.configure_optimizers(0.0, 3e-3, (0.9, 0.95))
     first = None
     for _ in range(60):
         _, loss = m(x, y)

@@ -120,6 +120,14 @@ def test_ddp_and_fsdp_two_processes_match_one(tmp):
     for x, y in zip(b1, b2):
         assert torch.allclose(x, y, atol=1e-6)
 
+    # 1 micro-step of 4 sequences on 2 ranks: each rank takes 2 of the same 4 (README's torchrun line)
+    one_step = [*common[:3], "--gradient_accumulation_steps=1", f"--out_dir={tmp / 'one1'}"]
+    run_train(tmp, *one_step)
+    p = torchrun(tmp, tmp / "ddp1", *one_step[:-1])
+    assert "(2 rank(s) x 1 micro-steps x 2 x 32)" in p.stdout
+    a, b = step_losses(tmp / "one1"), step_losses(tmp / "ddp1")
+    assert sorted(a) == sorted(b) and all(b[i] == pytest.approx(a[i], rel=1e-4, abs=1e-5) for i in a), (a, b)
+
     # FSDP2 for the first 4 steps (0..3), then resume in ONE process from its checkpoint
     fs = tmp / "fsdp"
     p = torchrun(tmp, fs, *common[:-3], "--max_iters=3", "--lr_decay_iters=6", "--gradient_accumulation_steps=2",
@@ -185,6 +193,25 @@ def test_sigkill_at_random_moments_then_resume(tmp):
         for v in vals:  # a step run twice (before a kill and after the resume) gives the same loss
             assert v == full[i], (i, v, full[i])
     assert set(range(21)) <= set(got)
+
+
+def test_non_finite_steps_change_nothing(tmp):
+    """The skip happens on the device (fused AdamW's found_inf, a zero-scaled bias update), without
+    the host looking: after a run of non-finite steps, parameters, moments and biases are as the
+    last finite step left them, and every skipped step is reported (one step late) by its number."""
+    run_train(tmp, "--max_iters=4", "--always_save_checkpoint=True", "--eval_interval=1000")
+    p = run_train(tmp, "--init_from=resume", "--max_iters=9", "--learning_rate=1e12", "--min_lr=1e12",
+                  "--warmup_iters=0", "--grad_clip=0.0", "--eval_interval=1000", "--max_bad_steps=100",
+                  "--always_save_checkpoint=True")
+    skipped = [int(line.split(":")[0].split()[1]) for line in p.stdout.splitlines() if "step skipped" in line]
+    assert skipped == list(range(skipped[0], 10)) and skipped[0] <= 7, p.stdout  # through the last one
+    ck = torch.load(tmp / "out" / "ckpt.pt", weights_only=False)
+    assert ck["iter_num"] == 10
+    tensors = list(ck["model"].values()) + [t for st in ck["optimizer"]["state"].values()
+                                            for t in st.values() if torch.is_tensor(t)]
+    assert all(torch.isfinite(t.float()).all() for t in tensors)
+    steps = {float(st["step"]) for st in ck["optimizer"]["state"].values()}
+    assert steps == {float(skipped[0])}, steps  # iterations 0..skipped[0]-1 stepped; a skipped one does not count
 
 
 def test_sigterm_saves_and_exits_cleanly(tmp):
@@ -276,9 +303,12 @@ def test_bad_checkpoints(tmp):
     one_line_error(run_train(tmp, "--init_from=resume", check=False), "not a checkpoint")
 
 
-def test_grad_accum_not_divisible_by_world_size(tmp):
+def test_batch_that_cannot_be_shared_over_ranks(tmp):
+    """3 micro-steps on 2 ranks: each rank takes half of every micro-batch, so an odd batch_size is
+    refused (before the process group starts, which would wait forever for the missing rank)."""
     env = {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "29999"}
-    one_line_error(run_train(tmp, "--gradient_accumulation_steps=3", check=False, env=env), "divisible")
+    one_line_error(run_train(tmp, "--gradient_accumulation_steps=3", "--batch_size=3", check=False, env=env, timeout=60),
+                   "batch_size=3", "divisible by 2")
 
 
 def test_bf16_gradient_reduce_needs_nccl(tmp):
