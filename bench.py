@@ -29,7 +29,6 @@ twin = True                # also bench the dense twin (same active FFN width, n
 breakdown = True           # time each part of the step on its own
 use_liger = False          # also bench with Liger's fused linear cross-entropy, if installed
 cudnn_first = False        # put cuDNN attention first in SDPA's priority (takes MLA's 96/64 dims)
-finite_check = True        # train.py's skip of a non-finite step, on the device (fused AdamW's found_inf)
 check = True               # on CUDA: grouped experts vs the loop reference, no-sync and fullgraph checks
 out_json = ""              # write all numbers here too
 profile_file = ""          # write a torch.profiler table of the 16x4 step's kernels here
@@ -107,8 +106,8 @@ def matmul_peak():
 
 
 def make_step(args, liger=False):
-    """The train.py step: compiled model, autocast, fused AdamW, clipping, the finite check, the
-    expert-bias update."""
+    """The train.py step: compiled model, autocast, clipping, then model.optimizer_step (fused
+    AdamW and the expert-bias update, skipped on the device if the norm is not finite)."""
     torch.manual_seed(seed)
     model = DeepSeekV3(args).to(device)
     if liger:
@@ -127,11 +126,7 @@ def make_step(args, liger=False):
             _, loss = fwd(x, y)
         loss.backward()
         norm = torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        finite = torch.isfinite(norm).float() if finite_check else None
-        if finite_check:
-            opt.found_inf = 1.0 - finite
-        opt.step()
-        model.update_expert_bias(finite)
+        model.optimizer_step(opt, norm)
         opt.zero_grad(set_to_none=True)
     return model, opt, step, x, y
 

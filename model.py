@@ -628,7 +628,8 @@ class DeepSeekV3(nn.Module):
             delta = delta * scale
         for m, dl in zip(layers, delta):
             m.gate.bias.add_(dl)
-            m.gate.bias.sub_(m.gate.bias.mean())  # a common shift changes no choice: keep it near 0
+            centre = m.gate.bias.mean()  # a common shift changes no choice: keep the biases near 0
+            m.gate.bias.sub_(centre if scale is None else centre * scale)  # (a skipped step: exactly as was)
             m.tokens_per_expert.zero_()
         return (counts.amax(-1) / mean.squeeze(-1).clamp_min(1e-9) - 1).mean()
 
@@ -715,6 +716,17 @@ class DeepSeekV3(nn.Module):
     def estimate_mfu(self, tokens_per_s, peak_flops=989e12):
         """Model FLOPs utilisation against peak_flops (default: H100 SXM bf16 dense, 989 TFLOP/s)."""
         return self.estimate_flops_per_token() * tokens_per_s / peak_flops
+
+    @torch.no_grad()
+    def optimizer_step(self, optimizer, grad_norm):
+        """The optimizer step, then the expert-bias update, both skipped on the device when grad_norm
+        is not finite: fused AdamW (configure_optimizers) leaves parameters, moments and its step
+        count alone when found_inf is 1, GradScaler's mechanism. No host sync. Returns (finite, as a
+        0-d float tensor, and the mean MaxVio)."""
+        finite = torch.isfinite(grad_norm).float()
+        optimizer.found_inf = 1.0 - finite
+        optimizer.step()
+        return finite, self.update_expert_bias(finite)
 
     def configure_optimizers(self, weight_decay, learning_rate, betas):
         """AdamW; weight decay on matrices (2-D and the 3-D expert stacks) only, never on norms.

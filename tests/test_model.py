@@ -279,6 +279,33 @@ def test_bias_update_direction_and_counts_cleared():
     assert all(l.tokens_per_expert.sum() == 0 for l in layers)
 
 
+def test_optimizer_step_skips_a_non_finite_step_on_the_device():
+    """model.optimizer_step: a NaN gradient norm leaves parameters, AdamW's moments and step count,
+    and the expert biases as they were (and still clears the counts); a finite one moves them."""
+    a = small(bias_update_speed=0.01)
+    m = model_of(a).train()
+    opt = m.configure_optimizers(0.1, 1e-2, (0.9, 0.95))
+    x = tokens(a, B=4, T=32)
+
+    def snapshot():
+        return ([p.detach().clone() for p in m.parameters()], [l.gate.bias.clone() for l in m.moe_layers()],
+                {k: v.clone() for st in opt.state.values() for k, v in st.items()})
+
+    for norm, moves in ((torch.tensor(1.0), True), (torch.tensor(float("nan")), False), (torch.tensor(2.0), True)):
+        m(x, x)[1].backward()
+        before = snapshot()
+        finite, maxvio = m.optimizer_step(opt, norm)
+        after = snapshot()
+        assert finite.item() == float(moves) and torch.isfinite(maxvio)
+        same = [torch.equal(u, v) for u, v in zip(before[0] + before[1], after[0] + after[1])]
+        assert (not any(same)) if moves else all(same)
+        if before[2]:  # the optimizer's state exists after the first step
+            assert all(torch.equal(before[2][k], after[2][k]) for k in before[2]) != moves
+        assert all(l.tokens_per_expert.sum() == 0 for l in m.moe_layers())
+        opt.zero_grad(set_to_none=True)
+    assert {float(st["step"]) for st in opt.state.values()} == {2.0}
+
+
 def test_bias_is_a_saved_fp32_buffer_outside_the_optimizer():
     a = small()
     m = model_of(a)
