@@ -614,7 +614,7 @@ class DeepSeekV3(nn.Module):
     def update_expert_bias(self, scale=None):
         """Once per optimizer step: b_i += speed * sign(mean_load - load_i) from the tokens counted
         since the last call (summed over ranks when distributed), re-centred, then the counts are
-        cleared. Runs on the device, no host sync. `scale` (a 0-d tensor, 0 or 1) lets train.py skip
+        cleared. Runs on the device, no host sync. `scale` (a 0-d tensor, 0 or 1) lets optimizer_step skip
         a non-finite step's update without asking the host. Returns the mean MaxVio (max/mean - 1)."""
         layers = self.moe_layers()
         if not layers:
