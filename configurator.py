@@ -1,34 +1,18 @@
 """
-Config overrides for train.py / sample.py / export.py, in the spirit of nanoGPT's configurator.
-A script defines its defaults as plain globals, then calls
-
-    from configurator import configure
-    configure(globals())
-
-and the command line can change them:
-
-    python train.py config/tiny.py --batch_size=32 --out_dir=out-tiny
-
-Arguments without '--' are config files: Python files exec'd with the current globals (so they
-can read earlier values), whose assignments become the new values. '--key=value' parses value as
-a Python literal, falling back to the raw string, so '--out_dir=out-foo' needs no quotes.
-
-Unlike nanoGPT this is strict, because a typo silently ignored costs a whole training run:
-unknown keys, values of the wrong type, '--key value' without '=', and broken config files all
-stop with one 'error: ...' line on stderr and exit code 2. Types follow the default's:
-  bool  -> True or False only (not true/1/yes: one spelling, and no surprises from 'False' strings)
-  int   -> an int (not a bool, not 1e4)
-  float -> an int or a float (stored as float)
-  str   -> any text, as written ('--out_dir=123' gives the string '123')
-  None  -> anything
-  other -> a value of the same type (e.g. a tuple default needs a tuple)
-'-h' / '--help' prints every key with its current value and exits.
+Config overrides, after nanoGPT's: configure(globals()) applies config files (Python run with the current
+values) and --key=value (a Python literal, else the text) to a script's knobs: its lowercase globals that
+are no _private name, module or callable (UPPER_CASE: constants). Strict: unknown keys, '--key value', broken
+files, values not of the default's type (a float takes an int; only a None default takes anything) exit 2.
 """
 import ast
 import difflib
 import inspect
+import linecache
+import os
+import re
 import sys
 import traceback
+from dataclasses import fields, is_dataclass
 
 
 def fail(msg):
@@ -36,102 +20,91 @@ def fail(msg):
     sys.exit(2)
 
 
-def is_config(name, value):
-    # the script's imports, helper functions and private names are not settings
-    return not name.startswith("_") and not (inspect.ismodule(value) or inspect.isroutine(value)
-                                             or inspect.isclass(value))
+def knobs(g):
+    return [k for k, v in g.items()
+            if k.islower() and k[0].isalpha() and not (inspect.ismodule(v) or callable(v))]
 
 
-def unknown_key(key, keys):
-    close = difflib.get_close_matches(key, keys, n=1)
-    hint = f" (did you mean '{close[0]}'?)" if close else " (see --help for the list)"
-    fail(f"unknown config key '{key}'{hint}")
-
-
-def check_type(key, value, default, raw=None):
-    """Returns value converted to the default's type, or exits with an error naming both."""
-    if default is None:
-        return value
-    if isinstance(default, str):
-        # the raw text wins over a literal that parsed as something else: --out_dir=123 -> '123'
-        if raw is not None and not isinstance(value, str):
-            return raw
-        if isinstance(value, str):
-            return value
-    elif isinstance(default, bool):
-        if isinstance(value, bool):
-            return value
+def set_knob(g, defaults, key, value, raw=None, where=""):
+    """g[key] = value in the type of defaults[key], or exit with one line that says why not."""
+    if key not in defaults:
+        close = "".join(f" (did you mean '{c}'?)" for c in difflib.get_close_matches(key, list(defaults), 1))
+        fail(f"{where}unknown config key '{key}'{close or ' (see --help)'}")
+    default = defaults[key]
+    if isinstance(default, str) and raw is not None and not isinstance(value, str):
+        value = raw  # a literal of another type taken as the text written: --out_dir=123 is '123'
+    if isinstance(default, bool) and not isinstance(value, bool):
         fail(f"{key} must be True or False, got {value!r} (write --{key}=True or --{key}=False)")
-    elif isinstance(default, int):
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
-    elif isinstance(default, float):
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-    elif isinstance(value, type(default)):
-        return value
-    fail(f"{key} must be {type(default).__name__} (default {default!r}), got {type(value).__name__} {value!r}")
+    value = float(value) if isinstance(default, float) and type(value) in (int, float) else value
+    if default is not None and type(value) is not type(default):
+        fail(f"{key} must be {type(default).__name__} (default {default!r}), got {value!r}")
+    g[key] = value
 
 
-def run_config_file(path, g, quiet):
+def run_config_file(path, g, defaults):
+    ns, source = dict(g), None  # a copy of g, so a file that fails halfway changes nothing
     try:
         with open(path) as f:
             source = f.read()
-    except FileNotFoundError:
-        fail(f"config file '{path}' not found" + (f" (did you mean --{path}?)" if "=" in path else ""))
-    except (OSError, UnicodeDecodeError) as e:
-        fail(f"cannot read config file '{path}' ({e})")
-    ns = dict(g)  # a copy, so a file that fails halfway changes nothing
-    try:
         exec(compile(source, path, "exec"), ns)
-    except SyntaxError as e:
-        fail(f"{path}:{e.lineno}: SyntaxError: {e.msg}")
-    except Exception as e:
-        # the deepest frame that is in the config file itself gives the line to blame
+    except Exception as e:  # one line: the deepest frame in the config file itself gives the line to blame
+        if source is None:  # unreadable; a missing file may be a --key=value without its '--'
+            fail(f"cannot read config file '{path}' ({getattr(e, 'strerror', None) or e})"
+                 + (f" (did you mean --{path}?)" if "=" in path and not os.path.exists(path) else ""))
         lines = [fr.lineno for fr in traceback.extract_tb(e.__traceback__) if fr.filename == path]
-        where = f"{path}:{lines[-1]}" if lines else path
-        fail(f"{where}: {type(e).__name__}: " + " ".join(str(e).split()))
-    keys = [k for k, v in g.items() if is_config(k, v)]
-    for k, v in ns.items():
-        if not is_config(k, v) or (k in g and g[k] is v):
-            continue  # helpers the file defined, or values it did not touch
-        if k not in keys:
-            fail(f"{path}: unknown config key '{k}'" + (
-                f" (did you mean '{m[0]}'?)" if (m := difflib.get_close_matches(k, keys, n=1)) else ""))
-        g[k] = check_type(k, v, g[k])
-        if not quiet:
-            print(f"Overriding from {path}: {k} = {g[k]!r}")
+        fail(f"{path}{f':{lines[-1]}' if lines else ''}: {type(e).__name__}: " + " ".join(str(e).split()))
+    for k in knobs(ns):
+        if k not in g or g[k] is not ns[k]:  # (values it left alone are the very same objects)
+            set_knob(g, defaults, k, ns[k], where=f"{path}: ")
 
 
-def configure(g, argv=None, quiet=False):
-    """Applies config files and --key=value overrides from argv (default sys.argv[1:]) to the dict g."""
+def show_help(g, caller):
+    """Usage, the caller's docstring's first paragraph, then the knobs: value, and the comment on their last
+    definition above the configure() call, or in a dataclass whose fields they all are (ModelArgs)."""
+    docs = dict.fromkeys(knobs(g), "")
+    lines = [ln for v in g.values() if inspect.isclass(v) and is_dataclass(v) and
+             {f.name for f in fields(v)} <= set(docs) for ln in inspect.getsourcelines(v)[0]]
+    text = "".join(lines + linecache.getlines(caller.f_code.co_filename)[:caller.f_lineno])
+    # `name = value  # doc`, `name: type = value  # doc` (dataclass field) or `"name": value,  # doc` (dict),
+    # the doc maybe continued on comment-only lines indented deeper than the name
+    for m in re.finditer(r"""(?m)^( *)["']?(\w+)["']? *[:=][^#\n]*(#.*(?:\n\1 +#.*)*)?""", text):
+        if m[2] in docs:
+            docs[m[2]] = " ".join(part.strip(" #") for part in (m[3] or "").split("\n"))
+    doc = re.split(r"\n\s*\n(?=\S)", (caller.f_globals.get("__doc__") or "").strip())[0]
+    rows = [f"{f'  {k} = {g[k]!r}':36}  # {d}" if d else f"  {k} = {g[k]!r}" for k, d in docs.items()]
+    try:
+        print(f"usage: python {os.path.basename(sys.argv[0])} [config.py ...] [--key=value ...]\n{doc}\n\n"
+              "knobs (config files and --key=value change them):", *rows, sep="\n", flush=True)
+    except BrokenPipeError:  # the reader left (| head): normal shell use, so end quietly, as cat does
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # so that the exit's flush succeeds
+        sys.exit(141)
+    sys.exit(0)
+
+
+def configure(g, argv=None):
+    """Applies config files and --key=value in argv (default sys.argv[1:]) to g; says what on stderr."""
     argv = sys.argv[1:] if argv is None else argv
+    before = {k: g[k] for k in knobs(g)}
     for i, arg in enumerate(argv):
-        if arg in ("-h", "--help"):
-            print("config keys (override with --key=value, or name a config file):")
-            for k, v in g.items():
-                if is_config(k, v):
-                    print(f"  {k} = {v!r}")
-            sys.exit(0)
-        if not arg.startswith("-"):
-            run_config_file(arg, g, quiet)
-            continue
-        if not arg.startswith("--"):
-            fail(f"unrecognized argument '{arg}' (overrides look like --key=value)")
         key, eq, raw = arg[2:].partition("=")
-        keys = [k for k, v in g.items() if is_config(k, v)]
-        if key not in keys:
-            unknown_key(key, keys)
-        if not eq:
-            if isinstance(g[key], bool):
-                fail(f"--{key} needs a value: write --{key}=True or --{key}=False")
-            if i + 1 < len(argv) and not argv[i + 1].startswith("--"):
-                fail(f"write --{key}={argv[i + 1]} (with '='), not '--{key} {argv[i + 1]}'")
-            fail(f"--{key} needs a value: write --{key}=VALUE")
-        try:
-            value = ast.literal_eval(raw)
-        except (ValueError, SyntaxError, TypeError, MemoryError, RecursionError):
-            value = raw  # not a Python literal: take it as text, e.g. --out_dir=out-foo
-        g[key] = check_type(key, value, g[key], raw=raw)
-        if not quiet:
-            print(f"Overriding: {key} = {g[key]!r}")
+        if arg in ("-h", "--help"):
+            show_help(g, inspect.currentframe().f_back)
+        elif not arg.startswith("-"):
+            run_config_file(arg, g, before)
+        elif not arg.startswith("--"):
+            fail(f"unrecognized argument '{arg}' (overrides look like --key=value)")
+        elif key in before and not eq:  # '--key value', or a bool's '--key' alone
+            nxt = argv[i + 1] if i + 1 < len(argv) and not argv[i + 1].startswith("--") else ""
+            fail(f"write --{key}={nxt} (with '='), not '--{key} {nxt}'" if nxt else f"--{key} needs a value: "
+                 f"write --{key}=" + (f"True or --{key}=False" if isinstance(before[key], bool) else "VALUE"))
+        else:
+            try:
+                value = ast.literal_eval(raw)
+            except (ValueError, SyntaxError, TypeError, MemoryError, RecursionError):
+                value = raw  # not a Python literal: take it as text, e.g. --out_dir=out-foo
+            set_knob(g, before, key, value, raw)
+    changed = [f"{k}={g[k]!r}" for k in before if g[k] != before[k]]
+    line = f"config: {', '.join(argv)} -> {', '.join(changed) or 'nothing changed'}"
+    if argv and os.environ.get("RANK", "0") == "0":  # under torchrun: one line, not one per process
+        short = f"{line[:280].rsplit(', ', 1)[0]}, ... ({len(changed)} changed)"  # at a knob's end
+        print(line if len(line) <= 300 else short, file=sys.stderr)
