@@ -1,9 +1,9 @@
 """
 Hand a checkpoint to the Hugging Face world, or take one back.
 
-    python export.py --out_dir=out --hf_dir=hf-tinystories              # out/ckpt.pt -> HF folder
-    python export.py --out_dir=out --hf_dir=hf-tinystories --mtp=False  # without the MTP module
-    python export.py --from_hf=hf-tinystories --out_dir=out-hf          # HF folder -> out-hf/ckpt.pt
+    python export.py --hf_dir=hf-tinystories                    # out-tinystories/ckpt.pt -> HF folder
+    python export.py --hf_dir=hf-tinystories --mtp=False        # without the MTP module
+    python export.py --from_hf=hf-tinystories --out_dir=out-hf  # HF folder -> out-hf/ckpt.pt
 
 The exported folder is a DeepseekV3ForCausalLM (config.json, model.safetensors in the on-disk
 naming of DeepSeek's released weights, generation_config.json) plus GPT-2 tokenizer files built
@@ -34,7 +34,6 @@ import os
 import re
 import shutil
 import sys
-import tempfile
 from dataclasses import asdict
 
 from configurator import configure
@@ -427,14 +426,16 @@ def check_target_dir(path, force, what):
                               "it, even with --force=True; remove it yourself or pick another folder")
 
 
-def make_temp_dir_beside(path):
-    parent = os.path.dirname(os.path.abspath(path))
-    try:
-        os.makedirs(parent, exist_ok=True)
-        return tempfile.mkdtemp(prefix="." + os.path.basename(os.path.abspath(path)) + ".", suffix=".tmp",
-                                dir=parent)
-    except OSError as e:
-        raise ExportError(f"can't write beside {path}: {e.strerror or e}") from None
+def missing_top(path, what):
+    """-> the topmost folder of path that does not exist yet (None if path does): what to remove if
+    writing fails. Refuses at once, before any slow work, a path under a file or in a read-only folder."""
+    top, up = None, os.path.abspath(path)
+    while not os.path.lexists(up):
+        top, up = up, os.path.dirname(up)
+    if not os.path.isdir(up) or not os.access(up, os.W_OK | os.X_OK):
+        raise ExportError(f"can't write {what}: {up} is "
+                          + ("not writable" if os.path.isdir(up) else "not a folder"))
+    return top
 
 
 def replace_dir(tmp, path):
@@ -472,6 +473,8 @@ def export_hf(ckpt_path, hf_dir, mtp=True, force=False):
     if not os.path.isfile(ckpt_path):
         raise ExportError(f"no checkpoint at {ckpt_path} (train one with train.py, or point out_dir at one)")
     check_target_dir(hf_dir, force, "target")
+    tmp = f"{os.path.abspath(hf_dir)}.{os.getpid()}.tmp"
+    top = missing_top(os.path.dirname(tmp), f"target {hf_dir}")
     from model import CheckpointError, load_checkpoint
     try:
         model, ckpt = load_checkpoint(ckpt_path)
@@ -485,21 +488,22 @@ def export_hf(ckpt_path, hf_dir, mtp=True, force=False):
     tensors = to_hf_state_dict(model, mtp)
     dtype = model.tok_emb.weight.dtype
     gpt2_vocab_and_merges()  # fails (tiktoken offline) before anything is on disk
-    tmp = make_temp_dir_beside(hf_dir)
     try:
+        os.makedirs(tmp)  # (the umask's modes, where tempfile.mkdtemp would make it 0700)
         from safetensors.torch import save_file
         save_file(tensors, os.path.join(tmp, "model.safetensors"), metadata={"format": "pt"})
         with open(os.path.join(tmp, "config.json"), "w") as f:
             json.dump(hf_config(args, depth, dtype), f, indent=2)
+        # safetensors makes its file 0600: give it the mode open() gave config.json (the user's umask)
+        shutil.copymode(os.path.join(tmp, "config.json"), os.path.join(tmp, "model.safetensors"))
         with open(os.path.join(tmp, "generation_config.json"), "w") as f:
             json.dump({"bos_token_id": EOT_ID, "eos_token_id": EOT_ID, "pad_token_id": EOT_ID}, f, indent=2)
         write_tokenizer(tmp, args.block_size)
         replace_dir(tmp, hf_dir)
-    except OSError as e:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise ExportError(f"can't write {hf_dir}: {e.strerror or e}") from None
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+    except BaseException as e:
+        shutil.rmtree(top or tmp, ignore_errors=True)  # (top holds tmp)
+        if isinstance(e, OSError):
+            raise ExportError(f"can't write {hf_dir}: {e.strerror or e}") from None
         raise
     n = sum(t.numel() for t in tensors.values())
     mtp_note = (f", MTP as layer{'s' if depth > 1 else ''} {args.n_layer}" +
@@ -664,8 +668,7 @@ def from_hf_state_dict(cfg, tensors, mtp, where):
 def import_hf(hf_dir, out_dir, mtp=True, force=False):
     """Read the transformers folder hf_dir into out_dir/ckpt.pt. Returns a summary line."""
     ckpt_path = os.path.join(out_dir, "ckpt.pt")
-    if os.path.lexists(out_dir) and not os.path.isdir(out_dir):
-        raise ExportError(f"out_dir {out_dir} exists and is not a folder")
+    top = missing_top(out_dir, f"out_dir {out_dir}")
     if os.path.lexists(ckpt_path) and not force:
         raise ExportError(f"{ckpt_path} exists (pass --force=True to overwrite it)")
     cfg = read_hf_config(hf_dir)
@@ -673,18 +676,16 @@ def import_hf(hf_dir, out_dir, mtp=True, force=False):
     import torch
     ckpt = {"model": model.state_dict(), "model_args": asdict(model.args), "iter_num": 0,
             "best_val_loss": 1e9, "config": {}}
-    tmp, made = None, not os.path.isdir(out_dir)
+    tmp = os.path.join(out_dir, f".ckpt.{os.getpid()}.pt.tmp")
     try:
         os.makedirs(out_dir, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=".ckpt.", suffix=".pt.tmp", dir=out_dir)
-        with os.fdopen(fd, "wb") as f:
-            torch.save(ckpt, f)
+        torch.save(ckpt, tmp)  # (the umask's mode, where tempfile.mkstemp would make it 0600)
         os.replace(tmp, ckpt_path)
     except BaseException as e:
-        if tmp and os.path.exists(tmp):
+        if os.path.isfile(tmp):
             os.remove(tmp)
-        if made and os.path.isdir(out_dir) and not os.listdir(out_dir):
-            os.rmdir(out_dir)
+        if top:
+            shutil.rmtree(top, ignore_errors=True)
         if isinstance(e, OSError):
             raise ExportError(f"can't write {ckpt_path}: {e.strerror or e}") from None
         raise
@@ -697,15 +698,14 @@ def import_hf(hf_dir, out_dir, mtp=True, force=False):
 # -----------------------------------------------------------------------------
 
 def main(argv=None):
-    settings = {
-        "out_dir": "out",    # the checkpoint folder: read out_dir/ckpt.pt, or (--from_hf) write it
-        "hf_dir": "",        # export: the transformers folder to write
-        "from_hf": "",       # import: the transformers folder to read (then hf_dir stays empty)
-        "mtp": True,         # include the MTP module(s) (export and import)
-        "force": False,      # replace a non-empty hf_dir / an existing out_dir/ckpt.pt
+    s = {
+        "out_dir": "out-tinystories",  # the checkpoint folder: read out_dir/ckpt.pt, or (--from_hf) write it
+        "hf_dir": "",                  # export: the transformers folder to write
+        "from_hf": "",                 # import: the transformers folder to read (then hf_dir stays empty)
+        "mtp": True,                   # include the MTP module(s) (export and import)
+        "force": False,                # replace a non-empty hf_dir / an existing out_dir/ckpt.pt
     }
-    configure(settings, argv)
-    s = settings
+    configure(s, argv)
     try:
         if s["from_hf"] and s["hf_dir"]:
             raise ExportError("--from_hf imports into --out_dir, --hf_dir is where an export goes: give one")

@@ -124,6 +124,7 @@ def safetensors_keys(folder):
 
 # ---- transformers computes what model.py computes --------------------------------------------
 
+@pytest.mark.needs_gpt2
 @pytest.mark.parametrize("name", CONFIGS)
 def test_logits_match_transformers(built, name):
     b = built(name)
@@ -147,6 +148,7 @@ def test_logits_match_transformers(built, name):
             assert not torch.equal(with_bias, without)
 
 
+@pytest.mark.needs_gpt2
 @pytest.mark.parametrize("name", CONFIGS)
 def test_transformers_loads_everything_but_mtp(built, name):
     b = built(name)
@@ -156,6 +158,7 @@ def test_transformers_loads_everything_but_mtp(built, name):
     assert layers == set(range(b.args.n_layer, b.args.n_layer + b.args.mtp_depth))
 
 
+@pytest.mark.needs_gpt2
 @pytest.mark.parametrize("name", CONFIGS)
 def test_greedy_generation_matches(built, name):
     b = built(name)
@@ -175,6 +178,7 @@ def test_greedy_generation_matches(built, name):
     assert theirs[:len(ours)] == ours and len(theirs) >= len(ours)
 
 
+@pytest.mark.needs_gpt2
 @pytest.mark.parametrize("name", CONFIGS)
 def test_export_import_roundtrip_is_identical(built, name, tmp_path):
     b = built(name)
@@ -188,6 +192,7 @@ def test_export_import_roundtrip_is_identical(built, name, tmp_path):
     assert differ == ({"n_dense_layers"} if b.args.n_routed_experts == 0 else set())
 
 
+@pytest.mark.needs_gpt2
 @pytest.mark.parametrize("name", CONFIGS)
 def test_config_json(built, name):
     b = built(name)
@@ -220,6 +225,7 @@ def test_config_json(built, name):
         assert json.load(f)["eos_token_id"] == 50256
 
 
+@pytest.mark.needs_gpt2
 def test_tokenizer_matches_tiktoken(built):
     import tiktoken
     enc = tiktoken.get_encoding("gpt2")
@@ -236,6 +242,7 @@ def test_tokenizer_matches_tiktoken(built):
     assert tok.eos_token_id == tok.bos_token_id == 50256 and len(tok) == 50257
 
 
+@pytest.mark.needs_gpt2
 def test_transformers_mtp_module_drafts_like_ours(built, monkeypatch):
     """transformers >= 5.17 rebuilds MTP layers from the checkpoint for generate(use_mtp=True), but only
     finds them under DeepseekV3's pattern for layer 61; pointed at our layer, it computes what we do."""
@@ -265,6 +272,7 @@ def test_transformers_mtp_module_drafts_like_ours(built, monkeypatch):
 
 # ---- variants of export and import ---------------------------------------------------------
 
+@pytest.mark.needs_gpt2
 def test_mtp_false_leaves_mtp_out(built, tmp_path):
     b = built("2groups-0shared-2dense-yarn-mtp2")
     hf = str(tmp_path / "hf")
@@ -281,6 +289,7 @@ def test_mtp_false_leaves_mtp_out(built, tmp_path):
     assert_same_state(ckpt["model"], b.model.state_dict(), skip=("mtp.",))
 
 
+@pytest.mark.needs_gpt2
 @pytest.mark.parametrize("name", ["4groups-2shared-0dense-yarn-tied", "2groups-0shared-2dense-yarn-mtp2"])
 def test_import_what_transformers_saves(built, name, tmp_path):
     """save_pretrained of the loaded model (no MTP weights left, tied head left out, config still
@@ -293,6 +302,7 @@ def test_import_what_transformers_saves(built, name, tmp_path):
     assert_same_state(ckpt["model"], b.model.state_dict(), skip=("mtp.",))
 
 
+@pytest.mark.needs_gpt2
 def test_import_fused_expert_names(built, tmp_path):
     b = built("q0-1group-1shared-1dense")
     sd = b.hf_model.state_dict()  # transformers' own layout: experts.gate_up_proj / experts.down_proj
@@ -307,6 +317,7 @@ def test_import_fused_expert_names(built, tmp_path):
     assert_same_state(ckpt["model"], b.model.state_dict(), skip=("mtp.",))
 
 
+@pytest.mark.needs_gpt2
 def test_import_refuses_mtp_copies_that_differ(built, tmp_path):
     b = built("q0-1group-1shared-1dense")
     folder = tmp_path / "edited"
@@ -322,6 +333,7 @@ def test_import_refuses_mtp_copies_that_differ(built, tmp_path):
     export.import_hf(str(folder), str(tmp_path / "back"), mtp=False)
 
 
+@pytest.mark.needs_gpt2
 def test_force_replaces_an_export(built, tmp_path):
     b = built("q0-1group-1shared-1dense")
     hf = tmp_path / "hf"
@@ -337,6 +349,7 @@ def test_force_replaces_an_export(built, tmp_path):
     assert sorted(os.listdir(tmp_path / "back")) == ["ckpt.pt"]
 
 
+@pytest.mark.needs_gpt2
 def test_a_failed_write_leaves_nothing(built, tmp_path, monkeypatch):
     b = built("q0-1group-1shared-1dense")
     hf = tmp_path / "hf"
@@ -355,6 +368,79 @@ def test_a_failed_write_leaves_nothing(built, tmp_path, monkeypatch):
     assert sorted(os.listdir(tmp_path)) == ["hf"]
 
 
+@pytest.mark.needs_gpt2
+def test_a_failed_write_removes_the_folders_it_made(built, tmp_path, monkeypatch):
+    b = built("q0-1group-1shared-1dense")
+
+    def disk_full(*a, **k):
+        raise OSError(28, "No space left on device")
+    monkeypatch.setattr(export, "write_tokenizer", disk_full)
+    with pytest.raises(export.ExportError, match="No space left"):
+        export.export_hf(b.ckpt, str(tmp_path / "new" / "er" / "hf"))
+    monkeypatch.setattr(torch, "save", disk_full)
+    with pytest.raises(export.ExportError, match="No space left"):
+        export.import_hf(b.hf, str(tmp_path / "new" / "back"))
+    assert os.listdir(tmp_path) == []
+
+
+def modes(root):
+    """{path under root: its permission bits}, root itself as '.'."""
+    out = {".": os.stat(root).st_mode & 0o777}
+    for d, dirs, files in os.walk(root):
+        for n in dirs + files:
+            out[os.path.relpath(os.path.join(d, n), root)] = os.stat(os.path.join(d, n)).st_mode & 0o777
+    return out
+
+
+@pytest.mark.needs_gpt2
+def test_cli_defaults_and_modes(built, tmp_path):
+    """`python export.py --hf_dir=X` reads train.py's default out_dir, and what export.py writes gets the
+    modes of the user's umask (022: files 0644, folders 0755), not tempfile's private ones."""
+    b = built("q0-1group-1shared-1dense")
+    os.makedirs(tmp_path / "out-tinystories")
+    os.link(b.ckpt, tmp_path / "out-tinystories" / "ckpt.pt")
+    cli = [sys.executable, os.path.join(ROOT, "export.py")]
+    old = os.umask(0o022)
+    try:
+        for argv in (["--hf_dir=hf"], ["--from_hf=hf", "--out_dir=new/back"]):
+            p = subprocess.run(cli + argv, cwd=tmp_path, capture_output=True, text=True, timeout=120)
+            assert p.returncode == 0 and "Traceback" not in p.stderr, p.stderr
+    finally:
+        os.umask(old)
+    assert modes(tmp_path / "hf") == {".": 0o755, **{n: 0o644 for n in os.listdir(tmp_path / "hf")}}
+    assert modes(tmp_path / "new") == {".": 0o755, "back": 0o755, "back/ckpt.pt": 0o644}
+
+
+@pytest.mark.needs_gpt2
+def test_modes_follow_the_umask(built, tmp_path):
+    b = built("q0-1group-1shared-1dense")
+    old = os.umask(0o027)
+    try:
+        export.export_hf(b.ckpt, str(tmp_path / "hf"))
+        export.import_hf(str(tmp_path / "hf"), str(tmp_path / "back"))
+    finally:
+        os.umask(old)
+    assert set(modes(tmp_path / "hf").values()) == {0o750, 0o640} and modes(tmp_path / "hf")["."] == 0o750
+    assert modes(tmp_path / "back") == {".": 0o750, "ckpt.pt": 0o640}
+
+
+def test_unwritable_folders_are_refused_at_once(tmp_path, capsys, monkeypatch):
+    """(The tests run as root, whom chmod doesn't stop: os.access stands in for a read-only folder.)"""
+    (tmp_path / "ckpt").mkdir()
+    (tmp_path / "ckpt" / "ckpt.pt").write_bytes(b"never read")
+    (tmp_path / "ro").mkdir()
+    monkeypatch.setattr(os, "access", lambda path, mode: os.path.abspath(path) != str(tmp_path / "ro"))
+    ckpt, ro = tmp_path / "ckpt", tmp_path / "ro"
+    for argv, match in [([f"--out_dir={ckpt}", f"--hf_dir={ro / 'hf'}"], "target"),
+                        ([f"--out_dir={ckpt}", f"--hf_dir={ro / 'a' / 'hf'}"], "target"),
+                        ([f"--from_hf={ckpt}", f"--out_dir={ro}"], "out_dir"),
+                        ([f"--from_hf={ckpt}", f"--out_dir={ro / 'o'}"], "out_dir")]:
+        with pytest.raises(SystemExit) as e:
+            export.main(argv)
+        check_refusal(e.value.code, capsys.readouterr().err, f"can't write {match} .*ro is not writable")
+    assert os.listdir(tmp_path / "ro") == []
+
+
 # ---- bad input: one line on stderr, non-zero exit, nothing written ---------------------------
 
 def snapshot(path):
@@ -368,6 +454,7 @@ def snapshot(path):
 
 def check_refusal(rc, err, match, code=1):
     lines = err.strip().splitlines()
+    lines = lines[1:] if lines and lines[0].startswith("config: ") else lines  # the configurator's line
     assert rc == code, err
     assert len(lines) == 1 and lines[0].startswith("error: ") and "Traceback" not in err, err
     assert re.search(match, lines[0]), lines[0]
@@ -403,6 +490,9 @@ def cli_cases(tmp_path, ckpt_dir):
         ([f"--out_dir={t}/nothing", f"--hf_dir={t}/hf1"], f"{t}/hf1", "no checkpoint at", 1),
         ([f"--out_dir={ckpt_dir}", f"--hf_dir={full}"], str(full), "not empty.*--force=True", 1),
         ([f"--out_dir={ckpt_dir}", f"--hf_dir={afile}"], str(afile), "not a folder", 1),
+        ([f"--out_dir={ckpt_dir}", f"--hf_dir={afile}/a/hf"], str(afile), "write target .* not a folder", 1),
+        ([f"--from_hf={llama}", f"--out_dir={afile}"], str(afile), "out_dir .*afile is not a folder", 1),
+        ([f"--from_hf={llama}", f"--out_dir={afile}/o"], str(afile), "out_dir .*afile is not a folder", 1),
         ([f"--from_hf={t}/missing", f"--out_dir={t}/o1"], f"{t}/o1", "no folder", 1),
         ([f"--from_hf={no_config}", f"--out_dir={t}/o2"], f"{t}/o2", "no config.json", 1),
         ([f"--from_hf={llama}", f"--out_dir={t}/o3"], f"{t}/o3", "'llama' model .*not DeepseekV3", 1),
@@ -414,9 +504,11 @@ def cli_cases(tmp_path, ckpt_dir):
     ]
 
 
-def test_cli_bad_input(built, tmp_path):
+def test_cli_bad_input(tmp_path):
     """The command-line cases, as a user meets them (each answered before torch is even imported)."""
-    ckpt_dir = os.path.dirname(built("q0-1group-1shared-1dense").ckpt)
+    ckpt_dir = tmp_path / "ckpt"  # (never read: every case is refused before)
+    ckpt_dir.mkdir()
+    (ckpt_dir / "ckpt.pt").write_bytes(b"a checkpoint")
     for argv, target, match, code in cli_cases(tmp_path, ckpt_dir):
         before = snapshot(target) if target else None
         rc, err = run_cli(*argv)
@@ -442,6 +534,7 @@ def test_refuses_what_transformers_cant_express(tmp_path, capsys, change, match)
     assert sorted(os.listdir(tmp_path)) == ["out"]
 
 
+@pytest.mark.needs_gpt2
 def test_bad_files_are_refused(built, tmp_path, capsys):
     b = built("q0-1group-1shared-1dense")
     cases = []
@@ -485,6 +578,7 @@ def test_bad_files_are_refused(built, tmp_path, capsys):
     assert sorted(os.listdir(tmp_path)) == before
 
 
+@pytest.mark.needs_gpt2
 def test_cli_export_and_import(built, tmp_path):
     """The happy path through the command line, both ways at once."""
     b = built("q0-1group-1shared-1dense")
