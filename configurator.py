@@ -1,8 +1,8 @@
 """
 Config overrides, after nanoGPT's: configure(globals()) applies config files (Python run with the current
-values) and --key=value (a Python literal, else the text) to a script's knobs: its lowercase globals that
-are no _private name, module or callable (UPPER_CASE: constants). Strict: unknown keys, '--key value', broken
-files, values not of the default's type (a float takes an int; only a None default takes anything) exit 2.
+values) and --key=value (a Python literal, else the text) to a script's knobs, the globals whose first letter
+is lowercase (not CONSTANTS, _private) bar modules and callables. Strict: unknown keys, '--key value', broken
+files and values not of the default's type (a float takes an int; a None default anything) exit 2.
 """
 import ast
 import difflib
@@ -21,8 +21,7 @@ def fail(msg):
 
 
 def knobs(g):
-    return [k for k, v in g.items()
-            if k.islower() and k[0].isalpha() and not (inspect.ismodule(v) or callable(v))]
+    return [k for k, v in g.items() if k[0].islower() and not (inspect.ismodule(v) or callable(v))]
 
 
 def set_knob(g, defaults, key, value, raw=None, where=""):
@@ -82,7 +81,8 @@ def show_help(g, caller):
 
 
 def configure(g, argv=None):
-    """Applies config files and --key=value in argv (default sys.argv[1:]) to g; says what on stderr."""
+    """Applies config files and --key=value in argv (default sys.argv[1:]) to g and, to a person at a
+    terminal, says what changed on stderr (where stderr is captured an error stays one line)."""
     argv = sys.argv[1:] if argv is None else argv
     before = {k: g[k] for k in knobs(g)}
     for i, arg in enumerate(argv):
@@ -105,6 +105,6 @@ def configure(g, argv=None):
             set_knob(g, before, key, value, raw)
     changed = [f"{k}={g[k]!r}" for k in before if g[k] != before[k]]
     line = f"config: {', '.join(argv)} -> {', '.join(changed) or 'nothing changed'}"
-    if argv and os.environ.get("RANK", "0") == "0":  # under torchrun: one line, not one per process
+    if argv and sys.stderr.isatty() and os.environ.get("RANK", "0") == "0":  # (torchrun: rank 0 alone)
         short = f"{line[:280].rsplit(', ', 1)[0]}, ... ({len(changed)} changed)"  # at a knob's end
         print(line if len(line) <= 300 else short, file=sys.stderr)

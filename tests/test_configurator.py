@@ -2,9 +2,11 @@
 import json
 import math
 import os
+import pty
 import subprocess
 import sys
 from pathlib import Path
+from unittest import mock
 
 import pytest
 
@@ -19,10 +21,11 @@ def defaults():
             "init_from": "scratch", "wandb_run_name": None, "betas": (0.9, 0.95), "dropout": 0.0}
 
 
-def configured(capsys, *argv, g=None):
-    """Runs configure; returns g and its one line on stderr (nothing goes to stdout)."""
+def configured(capsys, *argv, g=None, tty=True):
+    """Runs configure, stderr a terminal or not; returns g and what it said on stderr (on stdout: nothing)."""
     g = defaults() if g is None else g
-    configure(g, list(argv))
+    with mock.patch.object(sys.stderr, "isatty", lambda: tty):
+        configure(g, list(argv))
     out, err = capsys.readouterr()
     assert out == ""
     return g, err
@@ -192,6 +195,12 @@ def test_config_line_says_what_changed(capsys, tmp_path, monkeypatch):
     assert g["batch_size"] == 7 and err == ""
 
 
+def test_no_config_line_where_stderr_is_captured(capsys):
+    """Not at a terminal (a test, a pipe, a log file) a script's error stays its one line on stderr."""
+    g, err = configured(capsys, "--batch_size=7", tty=False)
+    assert g["batch_size"] == 7 and err == ""
+
+
 # -----------------------------------------------------------------------------
 # as scripts use it: configure(globals()) in a real __main__
 
@@ -229,20 +238,37 @@ class Args:
 '''
 
 
-def run_script(tmp_path, *argv, **kw):
+def run_script(tmp_path, *argv, tty=False):
+    """Runs SCRIPT; with tty, its stderr is a terminal (a pseudo-terminal read back here)."""
     script = tmp_path / "train_like.py"
     script.write_text(SCRIPT)
     (tmp_path / "argsmod.py").write_text(ARGSMOD)
     env = dict(os.environ, PYTHONPATH=str(REPO))
-    return subprocess.run([sys.executable, str(script), *argv], cwd=tmp_path, env=env,
-                          **{"capture_output": True, **kw}, text=True, timeout=60)
+    cmd = [sys.executable, str(script), *argv]
+    if not tty:
+        return subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=60)
+    main, term = pty.openpty()
+    p = subprocess.run(cmd, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=term, text=True, timeout=60)
+    os.close(term)
+    err = b""
+    while True:
+        try:
+            chunk = os.read(main, 4096)
+        except OSError:  # (EIO: the terminal's other end is closed)
+            break
+        if not chunk:
+            break
+        err += chunk
+    os.close(main)
+    p.stderr = err.decode().replace("\r\n", "\n")
+    return p
 
 
 def test_script_overrides(tmp_path):
     """Only the script's own output on stdout (`python sample.py > story.txt` stays clean); what the
     command line changed is one line on stderr."""
     (tmp_path / "cfg.py").write_text("batch_size = batch_size * 2\nlearning_rate = 1\nn_layer = 3\n")
-    p = run_script(tmp_path, "cfg.py", "--out_dir=out-x", "--compile=False")
+    p = run_script(tmp_path, "cfg.py", "--out_dir=out-x", "--compile=False", tty=True)
     assert p.returncode == 0, p.stderr
     assert json.loads(p.stdout) == dict(batch_size=24, learning_rate=1.0, compile=False, out_dir="out-x")
     assert p.stderr == ("config: cfg.py, --out_dir=out-x, --compile=False -> batch_size=24, "

@@ -454,7 +454,6 @@ def snapshot(path):
 
 def check_refusal(rc, err, match, code=1):
     lines = err.strip().splitlines()
-    lines = lines[1:] if lines and lines[0].startswith("config: ") else lines  # the configurator's line
     assert rc == code, err
     assert len(lines) == 1 and lines[0].startswith("error: ") and "Traceback" not in err, err
     assert re.search(match, lines[0]), lines[0]
