@@ -4,49 +4,42 @@ Prepare TinyStories for training: GPT-2 BPE tokens (tiktoken) as flat uint16 str
     python prepare.py                                   # download roneneldan/TinyStories from the HF hub
     python prepare.py --input train.txt valid.txt       # local files: .txt .jsonl .json .parquet
 
-Writes <out_dir>/train.bin and val.bin (every story followed by <|endoftext|>, id 50256),
-read them back with np.memmap(path, dtype=np.uint16, mode='r'), and meta.json last.
-Every file goes to a .tmp name first and is renamed into place only when complete, so a
-crash or a bad input never leaves a half-written file that looks whole.
-
-Local .txt files: stories are separated by lines that are exactly <|endoftext|> if the file
-has any (the hub's TinyStories-*.txt files), else by blank lines (then a story's paragraphs
-become separate stories: the boundary is not marked, so we cannot do better).
-An input file whose name has the word val/valid/validation in it is validation data;
-with none, the last --val_fraction of the training stories are held out instead.
+Writes <out_dir>/train.bin and val.bin (every story followed by <|endoftext|>, id 50256; read them
+with np.memmap(path, dtype=np.uint16, mode='r')), then meta.json, each complete under a .tmp name
+before it is renamed into place: a crash or a bad input never leaves a half-written file that looks whole.
+Local .txt files: stories are separated by lines that are exactly <|endoftext|> if the file has any
+(the hub's TinyStories-*.txt files), else by blank lines (then each paragraph becomes a story).
 """
 import argparse
 import itertools
 import json
 import os
 import re
+import signal
 import sys
 from contextlib import nullcontext
 from multiprocessing import Pool
+from pathlib import Path
 
 import numpy as np
 from tqdm import tqdm
 
 HF_DATASET = "roneneldan/TinyStories"
 CHUNK = 1024  # stories per worker task: amortizes inter-process overhead, keeps the bar moving
-EOT_LINE = "<|endoftext|>"
-UINT16_MAX = np.iinfo(np.uint16).max
+VAL_TOKENS = 64 * 512  # a held-out val split holds a batch of config/tinystories_16x4.py (train.py needs one)
+MIN_TOKENS = 8 * 64  # and leaves no split smaller than a batch of config/tinystories_debug.py
+_enc = None  # the GPT-2 encoding, set in the parent (forked workers inherit it) or by _init_worker
 
 
 class PrepareError(Exception):
     """Bad input or environment: main() prints it as one line on stderr and exits 1."""
 
 
-# -----------------------------------------------------------------------------
-# reading local files: each reader returns a list of raw texts
-
 def read_txt(path):
-    with open(path, encoding="utf-8-sig") as f:
-        text = f.read()
+    text = Path(path).read_text(encoding="utf-8-sig")
     eot = re.compile(r"^[ \t]*<\|endoftext\|>[ \t]*$", re.M)
-    if eot.search(text):
-        return eot.split(text)  # blank lines inside a story are its paragraphs: keep them
-    return re.split(r"\n\s*\n", text)
+    # with <|endoftext|> lines, blank lines inside a story are its paragraphs: keep them
+    return eot.split(text) if eot.search(text) else re.split(r"\n\s*\n", text)
 
 
 def get_text(obj, where):
@@ -57,26 +50,20 @@ def get_text(obj, where):
     return obj["text"]
 
 
+def parse_json(text, path, lineno=1):
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as e:
+        raise PrepareError(f"{path}:{lineno + e.lineno - 1}: invalid JSON ({e.msg})")
+
+
 def read_jsonl(path):
-    texts = []
-    with open(path, encoding="utf-8-sig") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise PrepareError(f"{path}:{lineno}: invalid JSON ({e.msg})")
-            texts.append(get_text(obj, f"{path}:{lineno}"))
-    return texts
+    with open(path, encoding="utf-8-sig") as f:  # line by line: no second copy of a big file
+        return [get_text(parse_json(s, path, n), f"{path}:{n}") for n, s in enumerate(f, 1) if s.strip()]
 
 
 def read_json(path):
-    with open(path, encoding="utf-8-sig") as f:
-        try:
-            data = json.load(f)
-        except json.JSONDecodeError as e:
-            raise PrepareError(f"{path}:{e.lineno}: invalid JSON ({e.msg})")
+    data = parse_json(Path(path).read_text(encoding="utf-8-sig"), path)
     if not isinstance(data, list):
         raise PrepareError(f"{path}: expected a JSON list of objects with a 'text' field")
     return [get_text(obj, f"{path}: item {i}") for i, obj in enumerate(data)]
@@ -90,24 +77,20 @@ def read_parquet(path):
         raise PrepareError(f"{path}: cannot read as parquet ({e})")
     if "text" not in table.column_names:
         raise PrepareError(f"{path}: no 'text' column (columns: {', '.join(table.column_names)})")
-    texts = table.column("text").to_pylist()
-    for i, t in enumerate(texts):
-        if not isinstance(t, str):
-            raise PrepareError(f"{path}: row {i}: 'text' is {type(t).__name__}, not a string")
-    return texts
+    return [get_text({"text": t}, f"{path}: row {i}") for i, t in enumerate(table.column("text").to_pylist())]
 
 
 READERS = {".txt": read_txt, ".jsonl": read_jsonl, ".json": read_json, ".parquet": read_parquet}
 
 
 def read_stories(path):
-    if not os.path.exists(path):
-        raise PrepareError(f"{path}: no such file")
     if not os.path.isfile(path):
-        raise PrepareError(f"{path}: not a regular file")
+        raise PrepareError(f"{path}: {'not a regular file' if os.path.exists(path) else 'no such file'}")
     ext = os.path.splitext(path)[1].lower()
     if ext not in READERS:
         raise PrepareError(f"{path}: unknown extension '{ext}' (expected {', '.join(READERS)})")
+    if os.path.getsize(path) > 2**27:  # reading takes a while: say what we are doing
+        print(f"reading {path} ({os.path.getsize(path) / 2**30:.1f} GiB)", file=sys.stderr)
     try:
         texts = READERS[ext](path)
     except UnicodeDecodeError as e:
@@ -125,53 +108,37 @@ def is_val_file(path):
     return re.search(r"(?<![a-z])val(id|idation)?(?![a-z])", os.path.basename(path).lower()) is not None
 
 
-def load_local(args):
-    """Returns (train stories, val stories, meta fields describing where they came from)."""
-    if args.val_input:
-        train_files, val_files = args.input, args.val_input
-    else:
-        val_files = [p for p in args.input if is_val_file(p)]
-        train_files = [p for p in args.input if not is_val_file(p)]
+def load(args):
+    """Returns the train and val stories (a list, or a hub split; no val: hold_out makes it), meta fields."""
+    global _enc
+    if not args.input:
+        _enc = load_encoding()  # before the download: no point fetching 2 GB we cannot tokenize
+        try:
+            import datasets
+            # its retry warnings would bury our one-line error; download progress bars still show
+            datasets.logging.set_verbosity_error()
+            import huggingface_hub
+            huggingface_hub.logging.set_verbosity_error()
+            ds = datasets.load_dataset(HF_DATASET)
+        except Exception as e:
+            raise PrepareError(f"could not get {HF_DATASET} from the Hugging Face hub ({type(e).__name__}: "
+                               f"{e}); use local files with --input FILE [FILE ...], or set "
+                               f"HF_DATASETS_OFFLINE=1 to use a local Hugging Face cache")
+        info = {"source": f"huggingface:{HF_DATASET}", "val_from": "hub validation split"}
+        return {"train": ds["train"], "val": ds["validation"]}, info
+    val_files = args.val_input or [p for p in args.input if is_val_file(p)]
+    train_files = args.input if args.val_input else [p for p in args.input if not is_val_file(p)]
     if not train_files:
         raise PrepareError("no training input: every --input file is named like validation data")
-    # read everything before writing anything, so a bad file leaves previous outputs alone
-    train = [s for p in train_files for s in read_stories(p)]
-    val = [s for p in val_files for s in read_stories(p)]
-    if val_files:
-        val_from = "validation files"
-    else:
-        n_val = max(1, round(len(train) * args.val_fraction))
-        if n_val >= len(train):
-            raise PrepareError(f"only {len(train)} stories: too few to hold out a validation split "
-                               f"(give a validation file with --val_input)")
-        train, val = train[:-n_val], train[-n_val:]
-        val_from = f"last {n_val} training stories (val_fraction={args.val_fraction})"
-    info = {"source": "local files", "train_files": train_files, "val_files": val_files, "val_from": val_from}
-    return train, val, info
+    if set(map(os.path.realpath, train_files)) & set(map(os.path.realpath, val_files)):
+        raise PrepareError("a file is both training and validation data (its val loss would be a train loss)")
+    # read everything before tokenizing anything: a bad file fails fast
+    splits = {"train": [s for p in train_files for s in read_stories(p)],
+              "val": [s for p in val_files for s in read_stories(p)]}
+    _enc = load_encoding()
+    return splits, {"source": "local files", "train_files": train_files, "val_files": val_files,
+                    "val_from": "validation files"}
 
-
-def load_hub():
-    try:
-        import datasets
-        # its retry warnings would bury our one-line error; download progress bars still show
-        datasets.logging.set_verbosity_error()
-        import huggingface_hub
-        huggingface_hub.logging.set_verbosity_error()
-        ds = datasets.load_dataset(HF_DATASET)
-        return ds["train"], ds["validation"]
-    except Exception as e:
-        raise PrepareError(f"could not get {HF_DATASET} from the Hugging Face hub ({type(e).__name__}: {e}); "
-                           f"use local files with --input FILE [FILE ...], or set HF_DATASETS_OFFLINE=1 "
-                           f"to use a local Hugging Face cache")
-
-
-def hub_chunks(ds):
-    for i in range(0, len(ds), CHUNK):
-        yield ds[i:i + CHUNK]["text"]  # slice by slice: the train split is ~2 GB of text
-
-
-# -----------------------------------------------------------------------------
-# tokenizing and writing
 
 def load_encoding():
     try:
@@ -183,46 +150,70 @@ def load_encoding():
                            f"holding its cached files")
 
 
-_enc = None  # the encoding, set in the parent (forked workers inherit it) or by _init_worker
-
-
 def _init_worker():
     global _enc
-    if _enc is None:  # spawned rather than forked
-        _enc = load_encoding()
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches workers too: dying, they hang the parent
+    _enc = _enc or load_encoding()  # None where spawned rather than forked
 
 
 def tokenize(texts):
-    """Returns (token ids of every story followed by <|endoftext|>, number of stories)."""
-    ids, n = [], 0
-    for text in texts:
-        text = text.strip()  # local readers did this already; hub texts come raw
-        if not text:
-            continue
-        # encode_ordinary: a literal "<|endoftext|>" inside a story is text, not the special token
-        ids.extend(_enc.encode_ordinary(text))
-        ids.append(_enc.eot_token)
-        n += 1
-    return np.array(ids, dtype=np.int64), n
+    """The stories' token ids, each story ended by <|endoftext|> (encode_ordinary: inside a story, a literal
+    "<|endoftext|>" is text), in one array; and each story's number of tokens."""
+    stories = [_enc.encode_ordinary(t) + [_enc.eot_token] for t in map(str.strip, texts) if t]
+    return np.fromiter(itertools.chain(*stories), np.int64), [len(s) for s in stories]
 
 
-def write_split(path, chunks, total, pool, desc):
-    """Tokenizes chunks of stories into path as uint16; returns (stories, tokens)."""
-    n_stories = n_tokens = 0
-    with open(path, "wb") as f, tqdm(total=total, desc=desc, unit=" stories", disable=None) as bar:
-        chunks = iter(chunks)
+def write_split(path, stories, pool, desc):
+    """Tokenizes stories into path as uint16, slice by slice (the hub's are ~2 GB); returns their lengths."""
+    chunks = (stories[i:i + CHUNK] if isinstance(stories, list) else stories[i:i + CHUNK]["text"]
+              for i in range(0, len(stories), CHUNK))
+    lengths = []
+    with open(path, "wb") as f, tqdm(total=len(stories), desc=desc, unit=" stories", disable=None) as bar:
         # hand the pool a bounded batch at a time: Pool.imap would read the whole input into its queue
         while batch := list(itertools.islice(chunks, 64)):
-            results = pool.imap(tokenize, batch) if pool else map(tokenize, batch)
-            for texts, (ids, n) in zip(batch, results):
-                if len(ids) and ids.max() > UINT16_MAX:
-                    raise PrepareError(f"token id {ids.max()} does not fit in uint16 (max {UINT16_MAX}); "
+            for texts, (ids, n) in zip(batch, pool.imap(tokenize, batch) if pool else map(tokenize, batch)):
+                if len(ids) and ids.max() > 65535:
+                    raise PrepareError(f"token id {ids.max()} does not fit in uint16 (max 65535); "
                                        f"this tokenizer needs a wider dtype")
                 f.write(ids.astype(np.uint16).tobytes())
-                n_stories += n
-                n_tokens += len(ids)
+                lengths += n
                 bar.update(len(texts))
-    return n_stories, n_tokens
+    return np.array(lengths, dtype=np.int64)
+
+
+def hold_out(tmp, lengths, fraction):
+    """Moves the last training stories, in tmp's files and in lengths (stories' tokens by split), into the val
+    split: `fraction` of them or VAL_TOKENS tokens, whichever is more, but at most half the tokens."""
+    tail = np.cumsum(lengths["train"][::-1])  # tokens in the last 1, 2, 3, ... stories
+    total, want = int(tail[-1]), min(VAL_TOKENS, int(tail[-1]) // 2)
+    k = max(1, round(len(tail) * fraction), int(np.searchsorted(tail, want)) + 1)
+    n_train = total - int(tail[k - 1])
+    if min(n_train, total - n_train) < MIN_TOKENS:
+        raise PrepareError(f"{len(tail):,} training stories of {total:,} tokens: too few to hold out a "
+                           f"val split and keep {MIN_TOKENS} tokens in each (one batch of config/tinystories_"
+                           f"debug.py); give more stories, or a validation file with --val_input")
+    np.fromfile(tmp["train.bin"], np.uint16, offset=2 * n_train).tofile(tmp["val.bin"])
+    os.truncate(tmp["train.bin"], 2 * n_train)
+    lengths["train"], lengths["val"] = lengths["train"][:-k], lengths["train"][-k:]
+    return f"the last {k:,} training stories (the more of val_fraction={fraction:g} and {want:,} tokens)"
+
+
+def write_all(args, tmp):
+    """Tokenizes the data into tmp's files, meta.json last; returns what meta.json says."""
+    splits, info = load(args)
+    # worker processes only pay off with more than one chunk; nullcontext() gives pool = None
+    use_pool = args.num_proc > 1 and max(map(len, splits.values())) > CHUNK
+    with Pool(args.num_proc, initializer=_init_worker) if use_pool else nullcontext() as pool:
+        lengths = {split: write_split(tmp[split + ".bin"], xs, pool, split)
+                   for split, xs in splits.items() if len(xs)}
+    if "val" not in lengths:
+        info["val_from"] = hold_out(tmp, lengths, args.val_fraction)
+    counts = {f"{split}_{what}": int(count(ls)) for what, count in (("tokens", np.sum), ("stories", len))
+              for split, ls in lengths.items()}
+    meta = dict(tokenizer=_enc.name, vocab_size=_enc.n_vocab, eot_token=_enc.eot_token, dtype="uint16",
+                **counts, **info)
+    Path(tmp["meta.json"]).write_text(json.dumps(meta, indent=2) + "\n")
+    return meta
 
 
 def parse_args(argv):
@@ -238,8 +229,8 @@ def parse_args(argv):
     p.add_argument("--val_input", nargs="+", metavar="PATH",
                    help="validation files, named explicitly (then every --input file is training data)")
     p.add_argument("--val_fraction", type=float, default=0.01,
-                   help="with no validation file: hold out this fraction of training stories, the last "
-                        "ones (default 0.01, at least 1 story)")
+                   help=f"with no validation file: hold out the last training stories, this fraction or "
+                        f"{VAL_TOKENS} tokens, whichever is more, but at most half the tokens (default 0.01)")
     p.add_argument("--out_dir", default=os.path.join("data", "tinystories"))
     p.add_argument("--num_proc", type=int, default=min(8, os.cpu_count() or 1),
                    help="tokenizer processes (default min(8, cpu count))")
@@ -254,68 +245,56 @@ def parse_args(argv):
 
 
 def main(argv=None):
-    global _enc
     try:
         args = parse_args(argv)
     except SystemExit as e:  # --help, or a usage error already printed
         return e.code
     out = {name: os.path.join(args.out_dir, name) for name in ("train.bin", "val.bin", "meta.json")}
-    tmp = {name: path + ".tmp" for name, path in out.items()}
+    tmp = {name: f"{path}.{os.getpid()}.tmp" for name, path in out.items()}  # two runs never share one
+    folder = Path(os.path.abspath(args.out_dir))
+    made = [p for p in (folder, *folder.parents) if not os.path.lexists(p)]  # a failed run removes them again
     try:
-        if args.input:
-            train, val, info = load_local(args)
-            _enc = load_encoding()
-            splits = {name: ([xs[i:i + CHUNK] for i in range(0, len(xs), CHUNK)], len(xs))
-                      for name, xs in (("train", train), ("val", val))}
-        else:
-            _enc = load_encoding()  # before the download: no point fetching 2 GB we cannot tokenize
-            train, val = load_hub()
-            info = {"source": f"huggingface:{HF_DATASET}", "val_from": "hub validation split"}
-            splits = {"train": (hub_chunks(train), len(train)), "val": (hub_chunks(val), len(val))}
-        try:
-            os.makedirs(args.out_dir, exist_ok=True)
-            open(tmp["train.bin"], "wb").close()  # fail now, not after tokenizing, if we cannot write
-        except OSError as e:
-            raise PrepareError(f"cannot write to {args.out_dir} ({e.strerror or e})")
-
-        counts = {}
-        # worker processes only pay off with more than one chunk; nullcontext() gives pool = None
-        use_pool = args.num_proc > 1 and max(total for _, total in splits.values()) > CHUNK
-        with Pool(args.num_proc, initializer=_init_worker) if use_pool else nullcontext() as pool:
-            for split, (chunks, total) in splits.items():
-                counts[split] = write_split(tmp[f"{split}.bin"], chunks, total, pool, desc=split)
-        meta = {"tokenizer": _enc.name, "vocab_size": _enc.n_vocab, "eot_token": _enc.eot_token,
-                "dtype": "uint16",
-                "train_tokens": counts["train"][1], "val_tokens": counts["val"][1],
-                "train_stories": counts["train"][0], "val_stories": counts["val"][0], **info}
-        with open(tmp["meta.json"], "w") as f:
-            json.dump(meta, f, indent=2)
-            f.write("\n")
+        os.makedirs(args.out_dir, exist_ok=True)  # and a first file in it, before reading or downloading
+        open(tmp["train.bin"], "wb").close()
+        meta = write_all(args, tmp)
+        old = [f"{split} {os.path.getsize(out[split + '.bin']) // 2:,} tokens" for split in ("train", "val")
+               if os.path.isfile(out[split + ".bin"])]
+        if old:
+            print(f"replacing {args.out_dir} ({', '.join(old)})", file=sys.stderr)
         # meta.json marks a complete set: drop the old one before swapping the bins, put the new one last
         if os.path.exists(out["meta.json"]):
             os.remove(out["meta.json"])
         for name in ("train.bin", "val.bin", "meta.json"):
             os.replace(tmp[name], out[name])
+        made = []
     except PrepareError as e:
         print("error: " + " ".join(str(e).split()), file=sys.stderr)  # one line, whatever the message held
         return 1
-    except OSError as e:  # disk full and the like, while writing
-        print(f"error: writing to {args.out_dir} failed ({e.strerror or e})", file=sys.stderr)
+    except OSError as e:  # out_dir is a file, or read-only, or the disk is full, ...
+        why = "a file, not a folder" if isinstance(e, FileExistsError) else e.strerror or e
+        print(f"error: cannot write to {args.out_dir} ({why})", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print("error: interrupted", file=sys.stderr)
         return 130
     finally:
-        for path in tmp.values():
-            if os.path.exists(path):
-                os.remove(path)
+        for path in filter(os.path.exists, tmp.values()):
+            os.remove(path)
+        for folder in filter(os.path.isdir, made):  # innermost first; empty: we wrote nothing else there
+            os.rmdir(folder)
 
     for split in ("train", "val"):
-        n_stories, n_tokens = counts[split]
-        print(f"{split + ':':6s} {n_stories:,} stories, {n_tokens:,} tokens -> {out[split + '.bin']}")
-    print(f"meta:  {out['meta.json']}")
+        print(f"{split + ':':6s} {meta[split + '_stories']:,} stories, {meta[split + '_tokens']:,} tokens "
+              f"-> {out[split + '.bin']}")
+    print(f"       from {meta['val_from']}\nmeta:  {out['meta.json']}")
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    code = 1  # unless main returns: our output's reader stopped early (| head) while we were working
+    try:
+        code = main()
+        sys.stdout.flush()
+    except BrokenPipeError:  # the rest of our output is not wanted: keep the exit's flush quiet too
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+    sys.exit(code)
