@@ -179,17 +179,13 @@ def unsupported(args):
 
 def hf_config(args, mtp_depth, dtype):
     """config.json of a DeepseekV3ForCausalLM that computes what model.py computes."""
-    moe = args.n_routed_experts > 0
-    # transformers 5 reads rope_parameters (rope_scaling first, where present); transformers 4, DeepSeek's
-    # code, vLLM and SGLang read rope_theta and rope_scaling in DeepSeek's keys: write both, same values
+    # transformers 4, vLLM and DeepSeek's code read rope_theta + rope_scaling, transformers 5 rope_parameters
     scaling = None
     if args.rope_factor > 1.0:
-        scaling = {"type": "yarn", "factor": float(args.rope_factor),
-                   "original_max_position_embeddings": args.original_seq_len,
-                   "beta_fast": args.beta_fast, "beta_slow": args.beta_slow,
-                   # ours: softmax scale *= (0.1 * mscale * ln(factor) + 1)^2 and unscaled cos/sin. In
-                   # transformers mscale_all_dim sets the former; cos/sin are scaled by
-                   # yarn(mscale) / yarn(mscale_all_dim), which is 1 when the two are equal
+        # ours: softmax scale *= (0.1 * mscale * ln(factor) + 1)^2, plain cos/sin. transformers: the former
+        # from mscale_all_dim, cos/sin scaled by yarn(mscale) / yarn(mscale_all_dim), 1 when the two are equal
+        scaling = {"type": "yarn", "factor": float(args.rope_factor), "beta_fast": args.beta_fast,
+                   "beta_slow": args.beta_slow, "original_max_position_embeddings": args.original_seq_len,
                    "mscale": float(args.mscale), "mscale_all_dim": float(args.mscale)}
         if args.mscale == 0:  # transformers reads 0 as 'unset' and would scale cos/sin by yarn(1)
             scaling["attention_factor"] = 1.0
@@ -211,7 +207,7 @@ def hf_config(args, mtp_depth, dtype):
         "intermediate_size": args.inter_dim,
         "moe_intermediate_size": args.moe_inter_dim,
         # a dense model ("dense twin") is all dense layers
-        "first_k_dense_replace": args.n_dense_layers if moe else args.n_layer,
+        "first_k_dense_replace": args.n_dense_layers if args.n_routed_experts else args.n_layer,
         "n_routed_experts": args.n_routed_experts,
         "n_shared_experts": args.n_shared_experts,
         "num_experts_per_tok": args.n_activated_experts,
