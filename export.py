@@ -178,19 +178,18 @@ def unsupported(args):
 
 def hf_config(args, mtp_depth, dtype):
     """config.json of a DeepseekV3ForCausalLM that computes what model.py computes."""
-    moe = args.n_routed_experts > 0
+    # transformers 4, vLLM and DeepSeek's code read rope_theta + rope_scaling, transformers 5 rope_parameters
+    scaling = None
     if args.rope_factor > 1.0:
-        rope = {"rope_type": "yarn", "rope_theta": float(args.rope_theta), "factor": float(args.rope_factor),
-                "original_max_position_embeddings": args.original_seq_len,
-                "beta_fast": args.beta_fast, "beta_slow": args.beta_slow,
-                # ours: softmax scale *= (0.1 * mscale * ln(factor) + 1)^2 and unscaled cos/sin. In
-                # transformers mscale_all_dim sets the former; cos/sin are scaled by
-                # yarn(mscale) / yarn(mscale_all_dim), which is 1 when the two are equal
-                "mscale": float(args.mscale), "mscale_all_dim": float(args.mscale)}
+        # ours: softmax scale *= (0.1 * mscale * ln(factor) + 1)^2, plain cos/sin. transformers: the former
+        # from mscale_all_dim, cos/sin scaled by yarn(mscale) / yarn(mscale_all_dim), 1 when the two are equal
+        scaling = {"type": "yarn", "factor": float(args.rope_factor), "beta_fast": args.beta_fast,
+                   "beta_slow": args.beta_slow, "original_max_position_embeddings": args.original_seq_len,
+                   "mscale": float(args.mscale), "mscale_all_dim": float(args.mscale)}
         if args.mscale == 0:  # transformers reads 0 as 'unset' and would scale cos/sin by yarn(1)
-            rope["attention_factor"] = 1.0
-    else:
-        rope = {"rope_type": "default", "rope_theta": float(args.rope_theta)}
+            scaling["attention_factor"] = 1.0
+    rope = {"rope_type": "yarn" if scaling else "default", "rope_theta": float(args.rope_theta),
+            **{k: v for k, v in (scaling or {}).items() if k != "type"}}
     return {
         "architectures": ["DeepseekV3ForCausalLM"],
         "model_type": "deepseek_v3",
@@ -207,7 +206,7 @@ def hf_config(args, mtp_depth, dtype):
         "intermediate_size": args.inter_dim,
         "moe_intermediate_size": args.moe_inter_dim,
         # a dense model ("dense twin") is all dense layers
-        "first_k_dense_replace": args.n_dense_layers if moe else args.n_layer,
+        "first_k_dense_replace": args.n_dense_layers if args.n_routed_experts else args.n_layer,
         "n_routed_experts": args.n_routed_experts,
         "n_shared_experts": args.n_shared_experts,
         "num_experts_per_tok": args.n_activated_experts,
@@ -222,6 +221,8 @@ def hf_config(args, mtp_depth, dtype):
         "rms_norm_eps": args.norm_eps,
         "max_position_embeddings": args.block_size,
         "rope_parameters": rope,
+        "rope_theta": float(args.rope_theta),
+        "rope_scaling": scaling,
         "rope_interleave": True,     # our rotary dims are DeepSeek's adjacent pairs
         "attention_bias": False,
         "attention_dropout": 0.0,
@@ -237,7 +238,7 @@ def hf_config(args, mtp_depth, dtype):
 
 def args_from_hf_config(cfg, mtp_depth, where):
     """ModelArgs for a DeepseekV3 config.json, or ExportError if model.py computes something else.
-    Training-only knobs (dropout, balancing speeds, MTP loss weight, ...) get ModelArgs' defaults."""
+    The training-only knobs (ModelArgs.TRAINING_ONLY) get ModelArgs' defaults."""
     from model import ModelArgs
     c = {**HF_DEFAULTS, **cfg}
 
@@ -264,11 +265,10 @@ def args_from_hf_config(cfg, mtp_depth, where):
     if E > 0 and (c["n_group"] is None or c["topk_group"] is None):
         refuse("n_group/topk_group unset")
 
-    # RoPE: transformers 5 writes rope_parameters; DeepSeek's own files have rope_theta + rope_scaling
-    rope = cfg.get("rope_parameters")
-    if not isinstance(rope, dict) or not rope:
-        rope = dict(cfg.get("rope_scaling") or {})
-        rope.setdefault("rope_theta", cfg.get("rope_theta", 10000.0))
+    # RoPE: transformers 5 writes rope_parameters; DeepSeek's own files have rope_theta + rope_scaling,
+    # which wins where both are present (as in transformers 4 and 5)
+    rope = dict(cfg.get("rope_scaling") or cfg.get("rope_parameters") or {})
+    rope.setdefault("rope_theta", cfg.get("rope_theta", 10000.0))
     rope_type = rope.get("rope_type", rope.get("type")) or "default"
     if rope.get("partial_rotary_factor", 1.0) != 1.0:
         refuse(f"partial_rotary_factor={rope['partial_rotary_factor']}")

@@ -1,17 +1,12 @@
 """
-DeepSeek-V3 in one file, at a size one GPU trains.
-
-The parts, in the order a token meets them (arXiv 2412.19437):
-  1) Multi-head latent attention (MLA): keys and values are rebuilt from a small shared latent,
-     plus one rotary key shared by all heads ("decoupled RoPE"). At inference only the latent
-     and the rotary key are cached, and the key/value up-projections are absorbed into the
-     query and the output ("absorb" mode).
-  2) DeepSeekMoE: always-on shared experts plus many fine-grained routed experts, sigmoid
-     affinities, group-limited top-k routing, and auxiliary-loss-free load balancing through a
-     per-expert bias that only steers *selection*.
-  3) Multi-token prediction (MTP): small sequential modules that predict tokens t+2, t+3, ...
-     with the shared embedding and output head; a training signal and a draft model for
-     speculative decoding.
+DeepSeek-V3 (arXiv 2412.19437) in one file, at a size one GPU trains. The parts a token meets:
+  1) Multi-head latent attention (MLA): keys and values rebuilt from a small shared latent, plus one
+     rotary key shared by all heads ("decoupled RoPE"). Inference caches only the latent and that key,
+     and absorbs the key/value up-projections into the query and the output ("absorb" mode).
+  2) DeepSeekMoE: always-on shared experts plus fine-grained routed ones, sigmoid affinities, group-
+     limited top-k routing, and auxiliary-loss-free balancing by a per-expert bias that only steers selection.
+  3) Multi-token prediction (MTP): sequential modules that predict tokens t+2, t+3, ... with the shared
+     embedding and head; a training signal and a draft model for speculative decoding.
 Names follow nanoGPT for the common knobs and DeepSeek's released inference/model.py for theirs.
 """
 
@@ -48,7 +43,7 @@ class ModelArgs:
     n_activated_experts: int = 4    # routed experts per token (top-k)
     n_expert_groups: int = 1        # experts are split into this many groups ...
     n_limited_groups: int = 1       # ... and a token may only use this many of them
-    score_func: str = "sigmoid"     # expert affinity: 'sigmoid' (V3) or 'softmax' (V2)
+    score_func: str = "sigmoid"     # expert affinity: 'sigmoid' (V3) or 'softmax' (V2: no balancing bias)
     route_scale: float = 1.0        # the gate weights (summing to 1) are multiplied by this
     # --- auxiliary-loss-free balancing and the small sequence-wise balance loss ---
     bias_update_speed: float = 1e-3  # gamma: b_i += gamma * sign(mean_load - load_i) per step
@@ -67,8 +62,11 @@ class ModelArgs:
     mscale: float = 1.0             # YaRN: softmax scale *= (0.1 * mscale * ln(factor) + 1)^2
     norm_eps: float = 1e-6          # RMSNorm epsilon (DeepSeek's value)
     # --- implementation choices (not architecture) ---
-    moe_impl: str = "auto"          # 'grouped' (torch._grouped_mm), 'dense' (every expert on every
-                                    # token, masked: compiles anywhere), 'loop' (reference), 'auto'
+    moe_impl: str = "auto"          # 'grouped' (torch._grouped_mm), 'dense' (the masked reference), 'auto'
+
+    # knobs that change how the model trains, not the function it computes (train.py's resume may change them)
+    TRAINING_ONLY = ("dropout", "bias_update_speed", "seq_aux_alpha", "noisy_topk", "noise_std", "mtp_lambda",
+                     "moe_impl")
 
     def __post_init__(self):
         def bad(name, rule):
@@ -81,22 +79,24 @@ class ModelArgs:
                      "mtp_depth", "inter_dim", "moe_inter_dim"):
             if not isinstance(getattr(self, name), int) or getattr(self, name) < 0:
                 bad(name, "must be a non-negative integer")
-        if self.qk_rope_head_dim % 2:
-            bad("qk_rope_head_dim", "must be even (RoPE rotates pairs of dims)")
-        if not 0.0 <= self.dropout < 1.0:
-            bad("dropout", "must be in [0, 1)")
-        if self.score_func not in ("sigmoid", "softmax"):
-            bad("score_func", "must be 'sigmoid' or 'softmax'")
-        if self.moe_impl not in ("auto", "grouped", "dense", "loop"):
-            bad("moe_impl", "must be 'auto', 'grouped', 'dense' or 'loop'")
-        if self.rope_theta <= 0 or self.rope_factor < 1.0:
-            bad("rope_factor" if self.rope_theta > 0 else "rope_theta",
-                "rope_theta must be > 0 and rope_factor >= 1")
-        if self.n_dense_layers > self.n_layer:
-            bad("n_dense_layers", f"cannot exceed n_layer={self.n_layer}")
-        if self.n_dense_layers > 0 or self.n_routed_experts == 0:
-            if self.inter_dim <= 0:
-                bad("inter_dim", "must be positive when there are dense layers")
+        for name in ("bias_update_speed", "seq_aux_alpha", "mtp_lambda", "noise_std"):
+            if getattr(self, name) < 0:
+                bad(name, "must be >= 0")
+        rules = [  # (field, whether it holds, the rule)
+            ("qk_rope_head_dim", self.qk_rope_head_dim % 2 == 0, "must be even (RoPE rotates pairs of dims)"),
+            ("dropout", 0.0 <= self.dropout < 1.0, "must be in [0, 1)"),
+            ("score_func", self.score_func in ("sigmoid", "softmax"), "must be 'sigmoid' or 'softmax'"),
+            ("moe_impl", self.moe_impl in ("auto", "grouped", "dense"), "must be 'auto', 'grouped', 'dense'"),
+            ("rope_theta", self.rope_theta > 0, "must be > 0"),
+            ("route_scale", self.route_scale > 0, "must be > 0"),
+            ("rope_factor", self.rope_factor >= 1.0, "must be >= 1 (1: no YaRN)"),
+            ("beta_fast", 0 < self.beta_slow < self.beta_fast, f"must exceed beta_slow={self.beta_slow} > 0"),
+            ("n_dense_layers", self.n_dense_layers <= self.n_layer, f"cannot exceed n_layer={self.n_layer}"),
+            ("inter_dim", self.inter_dim > 0 or self.n_dense_layers == 0 < self.n_routed_experts,
+             "must be positive when there are dense layers")]
+        for name, ok, rule in rules:
+            if not ok:
+                bad(name, rule)
         if self.n_routed_experts > 0:
             if self.moe_inter_dim <= 0:
                 bad("moe_inter_dim", "must be positive when there are routed experts")
@@ -105,30 +105,26 @@ class ModelArgs:
             if self.n_expert_groups < 1 or self.n_routed_experts % self.n_expert_groups:
                 bad("n_expert_groups", f"must divide n_routed_experts={self.n_routed_experts}")
             per_group = self.n_routed_experts // self.n_expert_groups
-            if self.n_expert_groups > 1 and per_group < 2:
+            if self.n_expert_groups > 1 and per_group < 2 and self.score_func == "sigmoid":
                 bad("n_expert_groups", "each group needs >= 2 experts (groups are ranked by their top-2 sum)")
             if not 1 <= self.n_limited_groups <= self.n_expert_groups:
                 bad("n_limited_groups", f"must be in [1, n_expert_groups={self.n_expert_groups}]")
             if self.n_limited_groups * per_group < self.n_activated_experts:
                 bad("n_limited_groups", f"{self.n_limited_groups} groups of {per_group} experts hold fewer "
                     f"than n_activated_experts={self.n_activated_experts}")
-        if self.route_scale <= 0 or self.bias_update_speed < 0 or self.seq_aux_alpha < 0:
-            bad("route_scale", "route_scale must be > 0; bias_update_speed, seq_aux_alpha >= 0")
-        if self.mtp_lambda < 0 or self.noise_std < 0:
-            bad("mtp_lambda", "mtp_lambda and noise_std must be >= 0")
 
     @property
     def qk_head_dim(self):
         return self.qk_nope_head_dim + self.qk_rope_head_dim
 
-    def is_moe_layer(self, layer_id):
-        return self.n_routed_experts > 0 and layer_id >= self.n_dense_layers
-
-    @classmethod
-    def from_dict(cls, d):
-        """Build from a dict, ignoring keys that are not fields (e.g. a train.py config)."""
-        names = {f.name for f in fields(cls)}
-        return cls(**{k: v for k, v in d.items() if k in names})
+    def differences(self, other):
+        """The fields in which `other` describes a different model: not TRAINING_ONLY ones, nor YaRN's
+        while YaRN is off in both."""
+        free = set(self.TRAINING_ONLY)
+        if self.rope_factor == other.rope_factor == 1.0:
+            free |= {"original_seq_len", "beta_fast", "beta_slow", "mscale"}
+        return [f.name for f in fields(self) if f.name not in free
+                and getattr(self, f.name) != getattr(other, f.name)]
 
 
 # -----------------------------------------------------------------------------
@@ -142,9 +138,7 @@ class RMSNorm(nn.Module):
 
     def forward(self, x):
         # normalise in fp32 (bf16 sums of squares lose bits), scale in the input dtype, as in the reference
-        xf = x.float()
-        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * xf.type_as(x)
+        return self.weight * F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps).type_as(x)
 
 
 def rope_tables(args: ModelArgs):
@@ -289,9 +283,10 @@ class Gate(nn.Module):
         super().__init__()
         self.args = args
         self.weight = nn.Parameter(torch.randn(args.n_routed_experts, args.n_embd) * 0.02)
-        # The balancing bias: fp32, saved with the model, never seen by the optimizer. It only
-        # changes WHICH experts are picked; the gate weights use the unbiased scores.
-        self.register_buffer("bias", torch.zeros(args.n_routed_experts, dtype=torch.float32))
+        # The balancing bias (V3's; V2's softmax routing has none): fp32, saved with the model, never seen
+        # by the optimizer. It only changes WHICH experts are picked; gate weights use the unbiased scores.
+        bias = torch.zeros(args.n_routed_experts, dtype=torch.float32)
+        self.register_buffer("bias", bias if args.score_func == "sigmoid" else None)
 
     def forward(self, x):
         """x: (N, d) -> weights (N, k) fp32, indices (N, k), scores (N, E) fp32."""
@@ -299,13 +294,14 @@ class Gate(nn.Module):
         with torch.autocast(x.device.type, enabled=False):  # route in fp32: near-ties matter
             logits = F.linear(x.float(), self.weight.float())
         scores = logits.sigmoid() if a.score_func == "sigmoid" else logits.softmax(dim=-1)
-        choice = scores + self.bias
+        choice = scores if self.bias is None else scores + self.bias
         if a.noisy_topk and self.training:
             choice = choice + torch.randn_like(choice) * a.noise_std
         if a.n_expert_groups > 1:
-            # rank groups by the sum of their two best (biased) scores, keep n_limited_groups
+            # keep the n_limited_groups best groups: by the sum of their two best (biased) scores in V3,
+            # by their best score in V2 (no bias), as DeepSeek's Gate does
             g = choice.view(-1, a.n_expert_groups, a.n_routed_experts // a.n_expert_groups)
-            group_score = g.topk(2, dim=-1).values.sum(-1)
+            group_score = g.amax(-1) if self.bias is None else g.topk(2, dim=-1).values.sum(-1)
             top_groups = group_score.topk(a.n_limited_groups, dim=-1).indices
             keep = torch.zeros_like(group_score, dtype=torch.bool).scatter_(1, top_groups, True)
             choice = g.masked_fill(~keep.unsqueeze(-1), float("-inf")).flatten(1)
@@ -318,8 +314,8 @@ class Gate(nn.Module):
 
 class GroupedLinear(torch.autograd.Function):
     """y[rows of expert e] = x[rows of expert e] @ w[e]^T via torch._grouped_mm, with the backward
-    written out: torch's CPU kernel has no working backward (2.13), and spelling it out costs
-    nothing on CUDA. x: (M, in) sorted by expert, w: (E, out, in), offs: (E,) int32 row ends."""
+    written out: torch's CPU kernel has no working backward (2.13), and on CUDA it is as fast and as
+    exact as the native one. x: (M, in) sorted by expert, w: (E, out, in), offs: (E,) int32 row ends."""
 
     @staticmethod
     def forward(ctx, x, w, offs):
@@ -336,35 +332,22 @@ class GroupedLinear(torch.autograd.Function):
         return dx, dw, None
 
 
-class Permute(torch.autograd.Function):
-    """y = x[perm] for a permutation perm with inverse inv. Autograd would treat perm as any index
-    and scatter-add the gradient (a zero fill plus atomics); for a permutation it is a gather."""
-
-    @staticmethod
-    def forward(ctx, x, perm, inv):
-        ctx.save_for_backward(inv)
-        return x[perm]
-
-    @staticmethod
-    def backward(ctx, dy):
-        (inv,) = ctx.saved_tensors
-        return dy[inv], None, None
-
-
 class Dispatch(torch.autograd.Function):
-    """xs = x[order // K]: each token copied to its K slots, sorted by expert. Backward: put the rows
-    back in slot order with the inverse permutation (a gather) and sum each token's K rows."""
+    """xs = x[order // K]: each token copied to its K slots, in the order `order` (a permutation with
+    inverse inv); K = 1 permutes. Autograd would scatter-add the gradient (a zero fill plus atomics):
+    here it is a gather by inv, then each token's K rows summed."""
 
     @staticmethod
     def forward(ctx, x, order, inv, K):
         ctx.save_for_backward(inv)
         ctx.K = K
-        return x[order // K]
+        return x[order // K] if K > 1 else x[order]
 
     @staticmethod
     def backward(ctx, dxs):
         (inv,) = ctx.saved_tensors
-        return dxs[inv].view(-1, ctx.K, dxs.shape[-1]).sum(1), None, None, None
+        dx = dxs[inv]
+        return dx.view(-1, ctx.K, dx.shape[-1]).sum(1) if ctx.K > 1 else dx, None, None, None
 
 
 class MoE(nn.Module):
@@ -383,14 +366,12 @@ class MoE(nn.Module):
         self.register_buffer("tokens_per_expert", torch.zeros(E, dtype=torch.float32), persistent=False)
 
     def experts_impl(self, x):
-        impl = self.args.moe_impl
-        if impl != "auto":
-            return impl
-        if x.is_cuda:  # grouped_mm on CUDA runs in bf16 only
-            dt = torch.get_autocast_dtype("cuda") if torch.is_autocast_enabled("cuda") else x.dtype
-            return "grouped" if dt == torch.bfloat16 else "dense"
-        # on CPU, torch.compile's grouped_mm accepts only bf16; the eager kernel takes fp32
-        return "dense" if torch.compiler.is_compiling() else "grouped"
+        if self.args.moe_impl != "auto":
+            return self.args.moe_impl
+        # grouped_mm runs in bf16 on CUDA, in fp32 on eager CPU (compiled: bf16 only), maybe nowhere else
+        dt = torch.get_autocast_dtype("cuda") if x.is_cuda and torch.is_autocast_enabled("cuda") else x.dtype
+        eager_cpu = x.device.type == "cpu" and not torch.compiler.is_compiling()
+        return "grouped" if (dt == torch.bfloat16 if x.is_cuda else eager_cpu) else "dense"
 
     def forward(self, x):
         """x: (B, T, d) -> (y, counts (E,), seq_aux_loss scalar)."""
@@ -401,25 +382,19 @@ class MoE(nn.Module):
         E, K = a.n_routed_experts, a.n_activated_experts
         counts = torch.zeros(E, device=x.device, dtype=torch.float32)
         counts.scatter_add_(0, idx.flatten(), torch.ones_like(idx.flatten(), dtype=torch.float32))
-        impl = self.experts_impl(x)
-        if impl == "grouped":
-            y = self.run_grouped(xf, w, idx, counts)
-        elif impl == "dense":
-            y = self.run_dense(xf, w, idx)
-        else:
-            y = self.run_loop(xf, w, idx)
+        grouped = self.experts_impl(x) == "grouped"
+        y = self.run_grouped(xf, w, idx, counts) if grouped else self.run_dense(xf, w, idx)
         if self.shared is not None:
             y = y + self.shared(xf)
         aux = x.new_zeros((), dtype=torch.float32)
         if self.training and a.seq_aux_alpha > 0:
-            # Sequence-wise balance loss (paper eq. 17-20): alpha * sum_i f_i * P_i per sequence,
-            # f_i = share of the sequence's picks that went to expert i (x E/K), P_i = mean of
-            # expert i's normalised affinity. Gradient flows through P only.
-            s = scores / scores.sum(-1, keepdim=True)
-            P = s.view(B, T, E).mean(1)
-            picks = torch.zeros(B, E, device=x.device).scatter_add_(
-                1, idx.view(B, T * K), torch.ones(B, T * K, device=x.device))
-            f = picks * (E / (K * T))
+            # Sequence-wise balance loss (paper eq. 17-20): alpha * sum_i f_i * P_i per sequence, f_i =
+            # the share of the sequence's top-k affinities (plain top-k: no bias, groups or noise) that
+            # are expert i's (x E/K), P_i = mean of expert i's normalised affinity. Gradient through P only.
+            P = (scores / scores.sum(-1, keepdim=True)).view(B, T, E).mean(1)
+            top = scores.topk(K, dim=-1).indices.view(B, T * K)
+            f = torch.zeros(B, E, device=x.device).scatter_add_(1, top, torch.ones_like(top, dtype=P.dtype))
+            f = f * (E / (K * T))
             aux = a.seq_aux_alpha * (f * P).sum(-1).mean()
         return y.view(B, T, d), counts, aux
 
@@ -432,38 +407,21 @@ class MoE(nn.Module):
         dt = torch.get_autocast_dtype("cuda") if x.is_cuda and torch.is_autocast_enabled("cuda") else x.dtype
         xs = Dispatch.apply(x.to(dt), order, inv, K)
         w13 = torch.cat([self.w1, self.w3], dim=1).to(dt)  # both input projections in one GEMM
-        w2 = self.w2.to(dt)
         ws = w.flatten()[order].unsqueeze(-1)              # each sorted row's gate weight
-        if x.is_cuda:  # native autograd on CUDA
-            a, b = torch._grouped_mm(xs, w13.transpose(-2, -1), offs=offs).chunk(2, dim=-1)
-            # scale by the gate weight before the down-projection: W2(g h) = g W2(h), on fewer dims
-            ys = torch._grouped_mm((F.silu(a) * b * ws).to(dt), w2.transpose(-2, -1), offs=offs)
-        else:
-            a, b = GroupedLinear.apply(xs, w13, offs).chunk(2, dim=-1)
-            ys = GroupedLinear.apply((F.silu(a) * b * ws).to(dt), w2, offs)
-        y = Permute.apply(ys, inv, order).view(-1, K, x.shape[1])                # back to (N, k, d)
+        a, b = GroupedLinear.apply(xs, w13, offs).chunk(2, dim=-1)
+        # scale by the gate weight before the down-projection: W2(g h) = g W2(h), on fewer dims
+        ys = GroupedLinear.apply((F.silu(a) * b * ws).to(dt), self.w2.to(dt), offs)
+        y = Dispatch.apply(ys, inv, order, 1).view(-1, K, x.shape[1])            # back to (N, k, d)
         return y.sum(1, dtype=torch.float32).type_as(x)
 
     def run_dense(self, x, w, idx):
         # every expert on every token, zero weight where not picked: E/k times the work, but no
-        # data-dependent shapes, so it compiles on any device. Exactly the same function.
+        # data-dependent shapes or host syncs, so it compiles on any device (and is the reference)
         gates = torch.zeros(x.shape[0], self.args.n_routed_experts, device=x.device, dtype=torch.float32)
         gates.scatter_(1, idx, w)
         h = F.silu(torch.einsum("nd,ehd->enh", x, self.w1)) * torch.einsum("nd,ehd->enh", x, self.w3)
         y = torch.einsum("enh,edh->end", h, self.w2)
         return torch.einsum("end,ne->nd", y.float(), gates).type_as(x)
-
-    def run_loop(self, x, w, idx):
-        # the reference: one expert at a time, only its tokens (data-dependent: eager only)
-        y = torch.zeros_like(x, dtype=torch.float32)
-        for e in range(self.args.n_routed_experts):
-            tok, slot = (idx == e).nonzero(as_tuple=True)
-            if tok.numel() == 0:
-                continue
-            xe = x[tok]
-            ye = F.linear(F.silu(F.linear(xe, self.w1[e])) * F.linear(xe, self.w3[e]), self.w2[e])
-            y.index_add_(0, tok, ye.float() * w[tok, slot, None])
-        return y.type_as(x)
 
 
 # -----------------------------------------------------------------------------
@@ -475,7 +433,7 @@ class Block(nn.Module):
         self.attn_norm = RMSNorm(args.n_embd, args.norm_eps)
         self.attn = MLA(args)
         self.ffn_norm = RMSNorm(args.n_embd, args.norm_eps)
-        self.is_moe = args.is_moe_layer(layer_id)
+        self.is_moe = args.n_routed_experts > 0 and layer_id >= args.n_dense_layers
         self.ffn = MoE(args) if self.is_moe else MLP(args.n_embd, args.inter_dim)
         self.drop = nn.Dropout(args.dropout)
 
@@ -483,18 +441,9 @@ class Block(nn.Module):
         """-> (x, expert counts or None, balance loss). The counts come OUT of the block rather than
         being added to a buffer inside it, so activation checkpointing's recompute can't count twice."""
         x = x + self.drop(self.attn(self.attn_norm(x), cos, sin, cache, start_pos))
-        h = self.ffn_norm(x)
-        if self.is_moe:
-            h, counts, aux = self.ffn(h)
-        else:
-            h, counts, aux = self.ffn(h), None, x.new_zeros((), dtype=torch.float32)
+        h = self.ffn(self.ffn_norm(x))
+        h, counts, aux = h if self.is_moe else (h, None, x.new_zeros((), dtype=torch.float32))
         return x + self.drop(h), counts, aux
-
-    def idle_expert_params(self, args):
-        """Parameters of the routed experts a token does NOT use in this block (0 if dense)."""
-        if not self.is_moe:
-            return 0
-        return (args.n_routed_experts - args.n_activated_experts) * 3 * args.n_embd * args.moe_inter_dim
 
 
 class MTPModule(nn.Module):
@@ -538,25 +487,15 @@ class DeepSeekV3(nn.Module):
 
     @torch.no_grad()
     def _init_weights(self, module):
-        # GPT-2/nanoGPT: N(0, 0.02) everywhere, and the projections that write into the residual
-        # stream (attention output, FFN down-projections) scaled by 1/sqrt(2 * n_layer) so the
-        # residual's variance doesn't grow with depth. Experts count as FFN down-projections.
-        std = 0.02
-        resid_std = std / math.sqrt(2 * (self.args.n_layer + self.args.mtp_depth))
-        if isinstance(module, nn.Linear):
-            nn.init.normal_(module.weight, 0.0, std)
-        elif isinstance(module, nn.Embedding):
-            nn.init.normal_(module.weight, 0.0, std)
-        elif isinstance(module, MoE):
-            nn.init.normal_(module.w1, 0.0, std)
-            nn.init.normal_(module.w3, 0.0, std)
-            nn.init.normal_(module.w2, 0.0, resid_std)
-        elif isinstance(module, Gate):
-            nn.init.normal_(module.weight, 0.0, std)
-        if isinstance(module, MLA):
-            nn.init.normal_(module.wo.weight, 0.0, resid_std)
-        if isinstance(module, MLP):
-            nn.init.normal_(module.w2.weight, 0.0, resid_std)
+        # GPT-2/nanoGPT: N(0, 0.02) for every matrix, and the projections that write into the residual
+        # stream (attention output, FFN and expert down-projections) scaled by 1/sqrt(2 * layers) so
+        # the residual's variance doesn't grow with depth. Norm weights stay 1.
+        resid_std = 0.02 / math.sqrt(2 * (self.args.n_layer + self.args.mtp_depth))
+        for name, p in module.named_parameters(recurse=False):
+            if p.dim() >= 2:  # (the only matrix named w2 that is not a Linear's: the experts')
+                nn.init.normal_(p, 0.0, resid_std if name == "w2" else 0.02)
+        if isinstance(module, (MLA, MLP)):  # (apply() visits them after their Linears)
+            nn.init.normal_(module.wo.weight if isinstance(module, MLA) else module.w2.weight, 0.0, resid_std)
 
     def moe_layers(self):
         return [m for m in self.modules() if isinstance(m, MoE)]
@@ -612,10 +551,9 @@ class DeepSeekV3(nn.Module):
     # ---- the auxiliary-loss-free balancing step ------------------------------------------------
     @torch.no_grad()
     def update_expert_bias(self, scale=None):
-        """Once per optimizer step: b_i += speed * sign(mean_load - load_i) from the tokens counted
-        since the last call (summed over ranks when distributed), re-centred, then the counts are
-        cleared. Runs on the device, no host sync. `scale` (a 0-d tensor, 0 or 1) lets optimizer_step skip
-        a non-finite step's update without asking the host. Returns the mean MaxVio (max/mean - 1)."""
+        """Once per optimizer step: b_i += speed * sign(mean_load - load_i) from the tokens counted since
+        the last call (summed over ranks), re-centred; the counts are cleared. No host sync: `scale` (0-d, 0
+        or 1) lets optimizer_step skip a non-finite step's update. Returns the mean MaxVio (max/mean - 1)."""
         layers = self.moe_layers()
         if not layers:
             return None
@@ -627,9 +565,10 @@ class DeepSeekV3(nn.Module):
         if scale is not None:
             delta = delta * scale
         for m, dl in zip(layers, delta):
-            m.gate.bias.add_(dl)
-            centre = m.gate.bias.mean()  # a common shift changes no choice: keep the biases near 0
-            m.gate.bias.sub_(centre if scale is None else centre * scale)  # (a skipped step: exactly as was)
+            if m.gate.bias is not None:  # (softmax routing has no bias)
+                m.gate.bias.add_(dl)
+                centre = m.gate.bias.mean()  # a common shift changes no choice: keep the biases near 0
+                m.gate.bias.sub_(centre if scale is None else centre * scale)  # (skipped step: as was)
             m.tokens_per_expert.zero_()
         return (counts.amax(-1) / mean.squeeze(-1).clamp_min(1e-9) - 1).mean()
 
@@ -687,35 +626,31 @@ class DeepSeekV3(nn.Module):
     # ---- accounting ----------------------------------------------------------------------------
     def get_num_params(self):
         """Counts for the main model (MTP apart): total, active per token, embedding; and mtp."""
-        main = [p for n, p in self.named_parameters() if not n.startswith("mtp.")]
-        total = sum(p.numel() for p in main)
-        emb = self.tok_emb.weight.numel()
-        inactive = sum(b.idle_expert_params(self.args) for b in self.blocks)
-        seen, mtp = {id(p) for p in main}, 0
-        for p in self.mtp.parameters():
-            if id(p) not in seen:
-                mtp += p.numel()
-        return {"total": total, "active": total - inactive, "embedding": emb, "mtp": mtp}
+        total = sum(p.numel() for n, p in self.named_parameters() if not n.startswith("mtp."))
+        mtp = sum(p.numel() for p in self.mtp.parameters())
+        return {"total": total, "active": total - self.idle_params(self.blocks),
+                "embedding": self.tok_emb.weight.numel(), "mtp": mtp}
+
+    def idle_params(self, blocks):
+        """Parameters of the routed experts a token does NOT use in these blocks."""
+        a = self.args
+        per_layer = (a.n_routed_experts - a.n_activated_experts) * 3 * a.n_embd * a.moe_inter_dim
+        return per_layer * sum(b.is_moe for b in blocks)
 
     def estimate_flops_per_token(self, T=None):
         """Training FLOPs per token: 6 x active matmul weights (embedding lookup excluded, the head
         and the MTP modules included) plus attention's 6 * T * H * (qk_dim + v_dim) per layer."""
-        a = self.args
-        T = T or a.block_size
-        n = self.get_num_params()
-        matmul = n["active"] - n["embedding"] + (n["embedding"] if a.tie_embeddings else 0)
-        L = a.n_layer
-        if a.mtp_depth:
-            mod = self.mtp[0]
-            mod_params = sum(p.numel() for p in mod.parameters()) - mod.block.idle_expert_params(a)
-            matmul += a.mtp_depth * (mod_params + self.head.weight.numel())  # the head runs again
-            L += a.mtp_depth
-        attn = 6 * L * T * a.n_head * (a.qk_head_dim + a.v_head_dim)
+        a, n = self.args, self.get_num_params()
+        matmul = n["active"] - (0 if a.tie_embeddings else n["embedding"])  # (tied: the head's matrix)
+        mtp = n["mtp"] - self.idle_params([m.block for m in self.mtp])
+        matmul += mtp + a.mtp_depth * self.head.weight.numel()  # each MTP module runs the head again
+        attn = 6 * (a.n_layer + a.mtp_depth) * (T or a.block_size) * a.n_head * (a.qk_head_dim + a.v_head_dim)
         return 6 * matmul + attn
 
-    def estimate_mfu(self, tokens_per_s, peak_flops=989e12):
-        """Model FLOPs utilisation against peak_flops (default: H100 SXM bf16 dense, 989 TFLOP/s)."""
-        return self.estimate_flops_per_token() * tokens_per_s / peak_flops
+    def estimate_mfu(self, tokens_per_s, peak_flops=989e12, T=None):
+        """Model FLOPs utilisation of training at tokens_per_s on sequences of T (default block_size) against
+        peak_flops (default: H100 SXM bf16 dense, 989 TFLOP/s; times the GPU count for several)."""
+        return self.estimate_flops_per_token(T) * tokens_per_s / peak_flops
 
     @torch.no_grad()
     def optimizer_step(self, optimizer, grad_norm):
@@ -732,10 +667,8 @@ class DeepSeekV3(nn.Module):
         """AdamW; weight decay on matrices (2-D and the 3-D expert stacks) only, never on norms.
         The expert bias is a buffer, so the optimizer never sees it."""
         params = [p for p in self.parameters() if p.requires_grad]
-        decay = [p for p in params if p.dim() >= 2]
-        no_decay = [p for p in params if p.dim() < 2]
-        groups = [{"params": decay, "weight_decay": weight_decay},
-                  {"params": no_decay, "weight_decay": 0.0}]
+        groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
+                  {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
         # fused: one kernel for all parameters, and it can skip a step on the device (found_inf)
         return torch.optim.AdamW(groups, lr=learning_rate, betas=betas, fused=True)
 

@@ -640,8 +640,6 @@ if __name__ == "__main__":
     for p in model.parameters():
         p.data = p.data.to(getattr(torch, dtype))
     model.to(device)
-    if device_type == "mps" and model.args.moe_impl == "auto":
-        model.args.moe_impl = "loop"  # torch._grouped_mm may have no MPS kernel
 
     # ---- the prompt ----
     try:

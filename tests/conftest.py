@@ -1,5 +1,32 @@
+"""Shared by the test files: single-threaded torch, the needs_gpt2 marker, and small helpers
+(`from conftest import ...`)."""
+import os
+import sys
+from dataclasses import asdict
+
 import pytest
 import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)  # the project's modules (model, sample, export, ...)
+
+
+def rel(a, b):
+    """Relative error of a against b, in the Frobenius norm."""
+    return ((a - b).norm() / b.norm()).item()
+
+
+def tokens(args, B=2, T=24, seed=1):
+    """Random token ids (B, T) below args.vocab_size, the same for the same seed."""
+    return torch.randint(0, args.vocab_size, (B, T), generator=torch.Generator().manual_seed(seed))
+
+
+def save_ckpt(model, path):
+    """Writes model as train.py writes a checkpoint (less the optimizer) at path; returns path."""
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    torch.save({"model": model.state_dict(), "model_args": asdict(model.args), "iter_num": 7,
+                "best_val_loss": 2.5, "config": {}}, path)
+    return path
 
 
 @pytest.fixture(scope="module", autouse=True)

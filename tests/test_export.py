@@ -8,13 +8,11 @@ import os
 import re
 import subprocess
 import sys
-from dataclasses import asdict
 
 import pytest
 import torch
+from conftest import ROOT, rel, save_ckpt, tokens
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
 transformers = pytest.importorskip(
     "transformers", reason="export tests compare with transformers' DeepseekV3 (pip install transformers)")
 from safetensors import safe_open  # noqa: E402
@@ -44,13 +42,9 @@ CONFIGS = {
                                             n_limited_groups=1, n_shared_experts=0, n_dense_layers=2,
                                             qk_rope_head_dim=16, rope_factor=2.0, original_seq_len=32,
                                             mscale=0.0, beta_fast=16, beta_slow=2, mtp_depth=2),
-    # no routed experts at all: every layer dense
-    "dense-q0-tied": dict(n_routed_experts=0, q_lora_rank=0, tie_embeddings=True),
+    # no routed experts at all: every layer dense, RoPE with another base
+    "dense-q0-tied-theta": dict(n_routed_experts=0, q_lora_rank=0, tie_embeddings=True, rope_theta=50000.0),
 }
-
-
-TRAINING_ONLY = ("dropout", "bias_update_speed", "seq_aux_alpha", "noisy_topk", "noise_std", "mtp_lambda",
-                 "moe_impl")
 
 
 def randomized(args, seed=0):
@@ -68,20 +62,12 @@ def randomized(args, seed=0):
     return model.eval()
 
 
-def save_ckpt(model, out_dir):
-    os.makedirs(out_dir, exist_ok=True)
-    path = os.path.join(out_dir, "ckpt.pt")
-    torch.save({"model": model.state_dict(), "model_args": asdict(model.args), "iter_num": 7,
-                "best_val_loss": 2.5, "config": {}}, path)
-    return path
-
-
 class Built:
     def __init__(self, name, root):
         self.args = ModelArgs(**{**BASE, **CONFIGS[name]})
         self.model = randomized(self.args)
         self.root = root
-        self.ckpt = save_ckpt(self.model, str(root / "out"))
+        self.ckpt = save_ckpt(self.model, str(root / "out" / "ckpt.pt"))
         self.hf = str(root / "hf")
         export.export_hf(self.ckpt, self.hf)
         self.hf_model, self.info = AutoModelForCausalLM.from_pretrained(
@@ -98,14 +84,6 @@ def built(tmp_path_factory):
             cache[name] = Built(name, tmp_path_factory.mktemp(name))
         return cache[name]
     return get
-
-
-def tokens(args, B=2, T=48, seed=1):
-    return torch.randint(0, args.vocab_size, (B, T), generator=torch.Generator().manual_seed(seed))
-
-
-def rel(a, b):
-    return ((a - b).norm() / b.norm()).item()
 
 
 def assert_same_state(a, b, skip=None):
@@ -128,7 +106,7 @@ def safetensors_keys(folder):
 @pytest.mark.parametrize("name", CONFIGS)
 def test_logits_match_transformers(built, name):
     b = built(name)
-    idx = tokens(b.args)
+    idx = tokens(b.args, T=48)
     with torch.no_grad():
         ours, _ = b.model(idx, torch.zeros_like(idx))
         theirs = b.hf_model(idx).logits
@@ -187,9 +165,8 @@ def test_export_import_roundtrip_is_identical(built, name, tmp_path):
     model, ckpt = load_checkpoint(str(tmp_path / "back" / "ckpt.pt"))
     assert_same_state(ckpt["model"], b.model.state_dict())  # MTP included
     assert ckpt["iter_num"] == 0 and ckpt["config"] == {} and "optimizer" not in ckpt
-    theirs, ours = ckpt["model_args"], asdict(b.args)
-    differ = {k for k in ours if ours[k] != theirs[k]} - set(TRAINING_ONLY)
-    assert differ == ({"n_dense_layers"} if b.args.n_routed_experts == 0 else set())
+    expected = ["n_dense_layers"] if b.args.n_routed_experts == 0 else []  # (all dense: either value says it)
+    assert b.args.differences(ModelArgs(**ckpt["model_args"])) == expected
 
 
 @pytest.mark.needs_gpt2
@@ -204,13 +181,19 @@ def test_config_json(built, name):
     assert cfg["num_nextn_predict_layers"] == a.mtp_depth
     assert cfg["first_k_dense_replace"] == (a.n_dense_layers if a.n_routed_experts else a.n_layer)
     assert cfg["tie_word_embeddings"] == a.tie_embeddings and cfg["eos_token_id"] == cfg["bos_token_id"] == 50256
-    rope = cfg["rope_parameters"]
+    # transformers 5's rope_parameters, and rope_theta + rope_scaling in DeepSeek's keys for transformers 4,
+    # DeepSeek's code, vLLM and SGLang: the same values
+    rope, scaling = cfg["rope_parameters"], cfg["rope_scaling"]
+    assert rope["rope_theta"] == cfg["rope_theta"] == a.rope_theta
     if a.rope_factor > 1:
-        assert rope["rope_type"] == "yarn" and rope["factor"] == a.rope_factor
-        assert rope["original_max_position_embeddings"] == a.original_seq_len
-        assert rope["mscale"] == rope["mscale_all_dim"] == a.mscale
+        deepseek = dict(type="yarn", factor=a.rope_factor, beta_fast=a.beta_fast, beta_slow=a.beta_slow,
+                        original_max_position_embeddings=a.original_seq_len)
+        deepseek.update(mscale=a.mscale, mscale_all_dim=a.mscale)
+        assert {k: scaling[k] for k in deepseek} == deepseek
+        assert rope == {"rope_type": "yarn", "rope_theta": a.rope_theta,
+                        **{k: v for k, v in scaling.items() if k != "type"}}
     else:
-        assert rope == {"rope_type": "default", "rope_theta": a.rope_theta}
+        assert scaling is None and rope == {"rope_type": "default", "rope_theta": a.rope_theta}
     keys = safetensors_keys(b.hf)
     n = a.n_layer
     if a.n_routed_experts:
@@ -223,6 +206,23 @@ def test_config_json(built, name):
     assert ("lm_head.weight" in keys) == (not a.tie_embeddings)
     with open(os.path.join(b.hf, "generation_config.json")) as f:
         assert json.load(f)["eos_token_id"] == 50256
+
+
+@pytest.mark.needs_gpt2
+@pytest.mark.parametrize("name", CONFIGS)
+def test_deepseek_rope_keys_alone_give_the_same_logits(built, name, tmp_path):
+    """transformers 4, DeepSeek's code, vLLM and SGLang read rope_theta and rope_scaling, not rope_parameters;
+    without rope_parameters transformers 5 reads them too, and must build the same model."""
+    b = built(name)
+    with open(os.path.join(b.hf, "config.json")) as f:
+        cfg = json.load(f)
+    del cfg["rope_parameters"]
+    (tmp_path / "config.json").write_text(json.dumps(cfg))
+    os.link(os.path.join(b.hf, "model.safetensors"), tmp_path / "model.safetensors")
+    hm = AutoModelForCausalLM.from_pretrained(str(tmp_path), attn_implementation="eager").eval()
+    idx = tokens(b.args, T=48)
+    with torch.no_grad():
+        assert rel(hm(idx).logits, b.model(idx, torch.zeros_like(idx))[0]) < 1e-4
 
 
 @pytest.mark.needs_gpt2
@@ -526,7 +526,7 @@ def test_cli_bad_input(tmp_path):
 def test_refuses_what_transformers_cant_express(tmp_path, capsys, change, match):
     args = ModelArgs(**{**BASE, **change})
     out = tmp_path / "out"
-    save_ckpt(DeepSeekV3(args), str(out))
+    save_ckpt(DeepSeekV3(args), str(out / "ckpt.pt"))
     with pytest.raises(SystemExit) as e:
         export.main([f"--out_dir={out}", f"--hf_dir={tmp_path / 'hf'}"])
     check_refusal(e.value.code, capsys.readouterr().err, match)

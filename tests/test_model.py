@@ -1,15 +1,15 @@
 """CPU tests for model.py. Small configs, fp32, the whole file in well under a minute."""
 import math
 import os
-import sys
-from dataclasses import replace
+import runpy
+from dataclasses import fields, replace
 
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import ROOT, rel, tokens
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from model import MLA, DeepSeekV3, Gate, ModelArgs, MoE, apply_rope, rope_tables  # noqa: E402
+from model import MLA, DeepSeekV3, Gate, ModelArgs, MoE, apply_rope, rope_tables
 
 
 def small(**kw):
@@ -25,15 +25,6 @@ def small(**kw):
 def model_of(args, seed=0):
     torch.manual_seed(seed)
     return DeepSeekV3(args)
-
-
-def tokens(args, B=2, T=24, seed=1):
-    g = torch.Generator().manual_seed(seed)
-    return torch.randint(0, args.vocab_size, (B, T), generator=g)
-
-
-def rel(a, b):
-    return ((a - b).norm() / b.norm()).item()
 
 
 # ---- RoPE ------------------------------------------------------------------------------------
@@ -102,17 +93,25 @@ def test_causality(q_lora_rank):
 
 
 def test_every_head_reads_the_whole_latent():
-    # zero all but the last latent channel: if heads only read their own slice, some heads would
-    # go blind. Instead every head's key depends on every latent channel through wkv_b.
+    """Each head's keys and values are rebuilt from the WHOLE kv latent, not from a 1/n_head slice of
+    it: nudge any one latent channel and every head's output moves."""
     a = small()
     attn = MLA(a)
-    w = attn.wkv_b.weight.view(a.n_head, a.qk_nope_head_dim + a.v_head_dim, a.kv_lora_rank)
-    assert (w.abs().sum(1) > 0).all()  # (heads, latent channels): all connected
-    x = torch.randn(1, 5, a.n_embd, requires_grad=True)
+    x = torch.randn(1, 5, a.n_embd)
     cos, sin = rope_tables(a)
-    out = attn(x, cos[:5], sin[:5])
-    out[0, -1].sum().backward()
-    assert x.grad[0, :-1].abs().sum() > 0  # later tokens read earlier ones
+    nudge, seen = {}, {}
+    attn.kv_norm.register_forward_hook(lambda mod, inp, out: out + nudge["d"])
+    attn.wo.register_forward_pre_hook(lambda mod, inp: seen.update(y=inp[0]))  # the heads, side by side
+
+    def heads(d):
+        nudge["d"] = d
+        with torch.no_grad():
+            attn(x, cos[:5], sin[:5])
+        return seen["y"].view(5, a.n_head, a.v_head_dim)
+    before = heads(0.0)
+    for c in range(a.kv_lora_rank):
+        moved = (heads(F.one_hot(torch.tensor(c), a.kv_lora_rank).float()) - before).abs().amax(dim=(0, 2))
+        assert (moved > 1e-4).all(), f"latent channel {c} reaches only heads {moved.nonzero().flatten()}"
 
 
 @pytest.mark.parametrize("kw", [dict(), dict(q_lora_rank=0), dict(rope_factor=2.0, original_seq_len=16),
@@ -169,9 +168,23 @@ def test_attention_dropout_only_in_training():
 
 # ---- MoE ------------------------------------------------------------------------------------
 
+def experts_by_hand(moe, x, w, idx):
+    """The routed experts the plain way: token by token, sum_k w_k * expert_k(x)."""
+    rows = []
+    for n in range(x.shape[0]):
+        y = torch.zeros(x.shape[1])
+        for k, e in enumerate(idx[n].tolist()):
+            y = y + w[n, k] * (moe.w2[e] @ (F.silu(moe.w1[e] @ x[n]) * (moe.w3[e] @ x[n])))
+        rows.append(y)
+    return torch.stack(rows)
+
+
 def moe_grads(a, impl, x):
+    """y, counts, and the gradients of x and of every parameter; impl None: the experts by hand."""
     torch.manual_seed(3)
-    moe = MoE(replace(a, moe_impl=impl))
+    moe = MoE(replace(a, moe_impl=impl or "dense"))
+    if impl is None:
+        moe.run_dense = lambda xf, w, idx: experts_by_hand(moe, xf, w, idx)
     with torch.no_grad():
         for p in (moe.w1, moe.w3, moe.w2, moe.gate.weight):
             p.normal_(0, 0.2)
@@ -183,10 +196,10 @@ def moe_grads(a, impl, x):
 
 
 @pytest.mark.parametrize("impl", ["grouped", "dense"])
-def test_fast_experts_match_loop_reference(impl):
+def test_experts_match_a_by_hand_reference(impl):
     a = small()
     x = torch.randn(3, 11, a.n_embd)
-    y0, c0, gx0, g0 = moe_grads(a, "loop", x)
+    y0, c0, gx0, g0 = moe_grads(a, None, x)
     y1, c1, gx1, g1 = moe_grads(a, impl, x)
     assert torch.equal(c0, c1) and c0.sum() == 3 * 11 * a.n_activated_experts
     assert rel(y1, y0) < 1e-5
@@ -195,13 +208,21 @@ def test_fast_experts_match_loop_reference(impl):
         assert rel(g1[n], g0[n]) < 1e-5, n
 
 
+def test_auto_expert_path():
+    """'auto': grouped_mm where it runs (eager CPU; CUDA in bf16), the dense path anywhere else (MPS, ...)."""
+    moe = MoE(small())
+    assert moe.experts_impl(torch.zeros(1, 64)) == "grouped"
+    assert moe.experts_impl(torch.zeros(1, 64, device="meta")) == "dense"
+    assert MoE(small(moe_impl="dense")).experts_impl(torch.zeros(1, 64)) == "dense"
+
+
 def test_expert_with_no_tokens():
     # routing every token away from some experts must still work in the grouped path
     a = small(n_expert_groups=1, n_limited_groups=1)
     x = torch.randn(2, 5, a.n_embd)
     torch.manual_seed(0)
     moe = MoE(replace(a, moe_impl="grouped"))
-    ref = MoE(replace(a, moe_impl="loop"))
+    ref = MoE(replace(a, moe_impl="dense"))
     ref.load_state_dict(moe.state_dict())
     for m in (moe, ref):
         m.gate.bias[:] = torch.tensor([5.0, 5.0] + [0.0] * 6)  # experts 0 and 1 take everything
@@ -233,6 +254,29 @@ def test_softmax_scores_are_not_renormalised():
     w, idx, scores = gate(x)
     assert torch.allclose(scores.sum(-1), torch.ones(20), atol=1e-6)
     assert torch.allclose(w, scores.gather(1, idx))
+
+
+def test_softmax_routing_is_v2s():
+    """score_func='softmax' (DeepSeek-V2): no balancing bias, and groups ranked by their BEST score, not
+    by the sum of their two best (DeepSeek's Gate: amax when there is no bias)."""
+    a = small(score_func="softmax", n_routed_experts=8, n_expert_groups=4, n_limited_groups=2,
+              n_activated_experts=2, route_scale=1.5)
+    gate = Gate(a)
+    assert gate.bias is None and "bias" not in gate.state_dict()
+    # one token whose logits are column 0 of the gate: groups of 2 experts
+    logits = torch.tensor([3.0, -5.0, 2.2, 2.0, 2.5, -5.0, -5.0, -5.0])
+    with torch.no_grad():
+        gate.weight.zero_()
+        gate.weight[:, 0] = logits
+    w, idx, scores = gate(F.one_hot(torch.tensor([0]), a.n_embd).float())
+    # by hand: best scores per group 3.0, 2.2, 2.5, -5 -> groups 0 and 2 -> experts 0 and 4 (the top-2 sums,
+    # e^3 + e^-5 = 20.1, e^2.2 + e^2 = 16.4, e^2.5 = 12.2, would keep groups 0 and 1 and pick expert 2)
+    p = logits.exp() / logits.exp().sum()
+    assert idx[0].sort().values.tolist() == [0, 4]
+    assert torch.allclose(w[0], 1.5 * p[idx[0]], atol=1e-7)  # softmax weights: not renormalised
+    m = model_of(replace(a, bias_update_speed=0.1)).train()
+    m(tokens(a), tokens(a))[1].backward()
+    assert m.update_expert_bias() is not None and all(l.tokens_per_expert.sum() == 0 for l in m.moe_layers())
 
 
 def test_group_limited_routing_stays_in_chosen_groups():
@@ -323,20 +367,28 @@ def test_bias_is_a_saved_fp32_buffer_outside_the_optimizer():
 
 
 def test_seq_aux_loss_by_hand():
-    a = small(seq_aux_alpha=0.5, n_expert_groups=1, n_limited_groups=1)
+    """Paper eq. 17-20: alpha * sum_i f_i P_i per sequence, averaged over the batch, where f_i counts expert
+    i among each token's top-K UNBIASED affinities s_{i,t} (not the biased, group-limited choice)."""
+    a = small(seq_aux_alpha=0.5, n_expert_groups=4, n_limited_groups=2)
     torch.manual_seed(0)
     moe = MoE(a).train()
+    moe.gate.bias.copy_(torch.tensor([0.3, -0.3, 0.0, 0.2, -0.2, 0.1, 0.0, -0.1]))  # steers the choice
     x = torch.randn(2, 7, a.n_embd)
     _, _, aux = moe(x)
     E, K, T = a.n_routed_experts, a.n_activated_experts, 7
-    total = 0.0
+    total, differs = 0.0, False
     for b in range(2):
-        w, idx, scores = moe.gate(x[b])
+        _, chosen, scores = moe.gate(x[b])
         f = torch.zeros(E)
-        for e in idx.flatten().tolist():
-            f[e] += E / (K * T)
-        P = (scores / scores.sum(-1, keepdim=True)).mean(0)
-        total += (f * P).sum().item()
+        for t in range(T):
+            s = scores[t].tolist()
+            top = sorted(range(E), key=lambda i: -s[i])[:K]
+            differs |= sorted(top) != sorted(chosen[t].tolist())
+            for e in top:
+                f[e] += E / (K * T)
+        P = [sum(scores[t, i].item() / sum(scores[t].tolist()) for t in range(T)) / T for i in range(E)]
+        total += sum(f[i].item() * P[i] for i in range(E))
+    assert differs  # the example tells the two apart
     assert aux.item() == pytest.approx(0.5 * total / 2, rel=1e-5)
     moe.eval()
     assert moe(x)[2].item() == 0.0
@@ -442,15 +494,29 @@ def test_parameter_counts_by_hand():
     mtp_active = n["mtp"] - (8 - 2) * expert
     expected = 6 * (n["active"] - V * d + mtp_active + V * d) + 6 * 4 * 64 * H * (24 + 12)
     assert f == expected
-    assert m.estimate_mfu(1e6, peak_flops=1e12) == pytest.approx(f * 1e6 / 1e12)
+    assert m.estimate_mfu(1e6, peak_flops=1e12, T=64) == pytest.approx(f * 1e6 / 1e12)
+    assert m.estimate_mfu(1e6, peak_flops=1e12, T=16) < m.estimate_mfu(1e6, peak_flops=1e12, T=64)
+
+
+def test_differences_ignore_training_only_knobs():
+    """ModelArgs.differences: what train.py's resume refuses to change (and export.py's round trip checks)."""
+    a = small()
+    assert a.differences(replace(a, dropout=0.2, seq_aux_alpha=0.0, mtp_lambda=1.0, moe_impl="dense")) == []
+    assert a.differences(replace(a, n_layer=4, score_func="softmax")) == ["n_layer", "score_func"]
+    assert a.differences(replace(a, beta_fast=16, mscale=0.5)) == []  # YaRN is off in both
+    yarn = replace(a, rope_factor=2.0)
+    assert yarn.differences(replace(yarn, beta_fast=16)) == ["beta_fast"]
+    assert yarn.differences(a) == ["rope_factor"]
 
 
 def test_flagship_parameter_counts():
-    a = ModelArgs()  # the defaults are the 16x4 flagship shape
+    """config/tinystories_16x4.py's counts, as its header and the README state them."""
+    cfg = runpy.run_path(os.path.join(ROOT, "config", "tinystories_16x4.py"))
+    a = ModelArgs(**{f.name: cfg[f.name] for f in fields(ModelArgs) if f.name in cfg})
+    assert a == ModelArgs()  # the defaults are the flagship
     with torch.device("meta"):
-        m = DeepSeekV3(a)
-    n = m.get_num_params()
-    assert 120e6 < n["total"] < 128e6
+        n = DeepSeekV3(a).get_num_params()
+    assert n == {"total": 123_849_728, "active": 78_433_280, "embedding": 25_755_648, "mtp": 10_447_680}
 
 
 # ---- bad input --------------------------------------------------------------------------------
@@ -467,7 +533,10 @@ def test_flagship_parameter_counts():
     (dict(n_head=-2), "n_head"),
     (dict(q_lora_rank=-1), "q_lora_rank"),
     (dict(score_func="relu"), "score_func"),
-    (dict(moe_impl="fast"), "moe_impl"),
+    (dict(moe_impl="loop"), "moe_impl"),
+    (dict(rope_factor=2.0, beta_fast=1, beta_slow=32), "beta_fast"),
+    (dict(beta_fast=4, beta_slow=4), "beta_fast"),
+    (dict(beta_slow=0), "beta_fast"),
     (dict(dropout=1.0), "dropout"),
     (dict(n_dense_layers=4), "n_dense_layers"),
     (dict(rope_factor=0.5), "rope_factor"),

@@ -6,17 +6,14 @@ import signal
 import subprocess
 import sys
 import time
-from dataclasses import asdict
 
 import pytest
 import torch
+from conftest import ROOT, save_ckpt
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
-import sample  # noqa: E402
-from model import DeepSeekV3, ModelArgs  # noqa: E402
-from sample import (filter_logits, generate, generate_speculative, speculative_accept,  # noqa: E402
-                    window_starts)
+import sample
+from model import DeepSeekV3, ModelArgs
+from sample import filter_logits, generate, generate_speculative, speculative_accept, window_starts
 
 
 def small(**kw):
@@ -389,15 +386,6 @@ def test_speculative_sampling_preserves_distribution(top_k, top_p, draft):
 
 # ---- command line ------------------------------------------------------------------------------
 
-def save_ckpt(path, args, seed=0):
-    torch.manual_seed(seed)
-    m = DeepSeekV3(args)
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    torch.save({"model": m.state_dict(), "model_args": asdict(m.args), "iter_num": 0,
-                "best_val_loss": 9.9, "config": {}}, path)
-    return m
-
-
 def gpt2_tiny(**kw):
     base = dict(block_size=32, vocab_size=50304, n_layer=2, n_head=2, n_embd=16, q_lora_rank=0,
                 kv_lora_rank=8, qk_nope_head_dim=8, qk_rope_head_dim=4, v_head_dim=8, inter_dim=32,
@@ -410,9 +398,9 @@ def gpt2_tiny(**kw):
 @pytest.fixture(scope="module")
 def ckpts(tmp_path_factory):
     d = tmp_path_factory.mktemp("ckpts")
-    save_ckpt(str(d / "ok" / "ckpt.pt"), gpt2_tiny())
-    save_ckpt(str(d / "nomtp" / "ckpt.pt"), gpt2_tiny(mtp_depth=0))
-    save_ckpt(str(d / "smallvocab" / "ckpt.pt"), small())
+    save_ckpt(model_of(gpt2_tiny()), str(d / "ok" / "ckpt.pt"))
+    save_ckpt(model_of(gpt2_tiny(mtp_depth=0)), str(d / "nomtp" / "ckpt.pt"))
+    save_ckpt(model_of(small()), str(d / "smallvocab" / "ckpt.pt"))
     os.makedirs(d / "corrupt")
     (d / "corrupt" / "ckpt.pt").write_bytes(b"PK\x03\x04 not really a checkpoint")
     os.makedirs(d / "foreign")
