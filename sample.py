@@ -5,18 +5,13 @@ Write stories with a trained DeepSeek-V3 (train.py's out_dir/ckpt.pt):
     python sample.py --start=FILE:prompt.txt --num_samples=4 --temperature=0.7 --top_p=0.9
     python sample.py --speculative=True --verbose=True      # MTP drafts, the main model verifies
 
-One way to decode (generate): the prompt is prefilled into MLA's compressed cache, then one
-fixed-shape step (_step) runs again and again. It feeds the pending token, or with speculative=True
-the pending token and the MTP module's draft of the next one; the main model's distribution p
-decides, by the speculative-sampling rule (speculative_accept), whether the draft stays, and one or
-two tokens are committed. Greedy (temperature 0) is the one-hot case of the same rule. The step keeps
-its state on the device (the token count too) and never waits for the host, so a CUDA graph can
-capture it (cuda_graph=True) and torch.compile can fuse it (compile=True); the host looks at the
-state every few steps (one small read), to stream the text, stop at end-of-text and slide the window.
-
-The window: the token at index m is predicted from tokens s..m-1 at positions 0..m-1-s; s starts at
-max(0, prompt_len - block_size) and jumps to m - block_size // 2 once m - s > block_size (the model's
-own semantics for a cropped context, like nanoGPT's crop, but in jumps so the cache stays usable).
+One way to decode (generate): prefill the prompt into MLA's compressed cache, then run one
+fixed-shape step (_step) again and again: the pending token in, with speculative=True also the
+MTP module's draft of the next one, kept or replaced by the speculative-sampling rule (greedy is
+its one-hot case). The state, token count too, stays on the device (a CUDA graph replays the step,
+torch.compile fuses it); every few steps the host reads it to stream, stop at end-of-text and
+slide the window: token m is predicted from tokens s..m-1 at positions 0..m-1-s, s jumping to
+m - block_size // 2 once m - s > block_size (a cropped context, like nanoGPT's crop, in jumps).
 """
 
 import codecs
@@ -52,9 +47,8 @@ def filter_logits(logits, top_k=None, top_p=1.0):
 
 
 def probs_of(logits, temperature, top_k, top_p, vocab_size):
-    """The distribution (..., vocab_size) fp32 a token is drawn from: the ids below vocab_size (GPT-2's
-    50257 of the 50304-wide padded head), then temperature, top-k, top-p. Temperature 0 (greedy):
-    the one-hot of the argmax."""
+    """The distribution (..., vocab_size) fp32 to draw from: ids below vocab_size (GPT-2's 50257 of the
+    padded head), then temperature, top-k, top-p. Temperature 0 (greedy): the argmax's one-hot."""
     logits = logits[..., :vocab_size].float()
     if temperature == 0:
         return torch.zeros_like(logits).scatter_(-1, logits.argmax(-1, keepdim=True), 1.0)
@@ -77,18 +71,16 @@ def speculative_accept(p, q, draft, u, e):
     pd = p.gather(-1, draft[:, None])[:, 0]
     qd = q.gather(-1, draft[:, None])[:, 0]
     accepted = u * qd < pd  # u < p/q without dividing (q(draft) > 0 since draft ~ q)
-    residual = (p - q).clamp_min(0)
-    # (all zero only where p == q up to rounding, and then the draft is almost surely accepted)
-    residual = torch.where(residual.sum(-1, keepdim=True) > 0, residual, p)
-    return accepted, torch.where(accepted, draft, draw(residual, e))
+    # max(0, p - q), floored at a 1e-30 share of p: never all zero (where p == q up to rounding)
+    return accepted, torch.where(accepted, draft, draw(torch.maximum(p - q, 1e-30 * p), e))
 
 
 def _check(temperature, top_k, top_p, max_new_tokens):
-    if not isinstance(temperature, (int, float)) or isinstance(temperature, bool) or not temperature >= 0:
+    if not (isinstance(temperature, (int, float)) and temperature >= 0):
         raise ValueError(f"temperature must be >= 0 (0 = greedy), got {temperature!r}")
-    if top_k is not None and (not isinstance(top_k, int) or isinstance(top_k, bool) or top_k < 1):
+    if top_k is not None and not (isinstance(top_k, int) and top_k >= 1):
         raise ValueError(f"top_k must be an integer >= 1 or None (off), got {top_k!r}")
-    if not isinstance(top_p, (int, float)) or not 0 < top_p <= 1:
+    if not (isinstance(top_p, (int, float)) and 0 < top_p <= 1):
         raise ValueError(f"top_p must be in (0, 1] (1.0 = off), got {top_p!r}")
     if max_new_tokens < 0:
         raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
@@ -97,35 +89,29 @@ def _check(temperature, top_k, top_p, max_new_tokens):
 # -----------------------------------------------------------------------------
 # the decoding step
 
-def _step(model, cache, tok, st, cfg):
-    """One step's model work and draws, on fixed shapes and without a host sync (compile=True
-    compiles this). tok (B, T): the pending token at position n - 1 - s and, T = 2, the draft after
-    it. Updates the state st in place; returns the tokens to write at n.. (B, T) and how many of them
-    count (0-dim: 1, or 2 when every unfinished row kept its draft; 0 once every row has ended).
-
-    The draft's slot holds the main model's bonus token. The MTP then runs the pairs (main hidden,
-    next token) at the same two positions, next tokens = the new ones: right whatever is kept,
-    since the first new token is the draft when the draft is kept. Its logits at the first position
-    draft the token after a 1-token commit, at the second the token after a 2-token one. A rejected
-    draft leaves junk in both caches at the second position, which the next step writes first.
-    Batches run in lockstep (one position for all rows): a row's bonus token is dropped when
-    another row rejects, which keeps the law exact, since that depends only on other rows' draws."""
-    temperature, top_k, top_p, vocab_size, eot = cfg
-    pos, fin, e = st["n"] - 1 - st["s"], st["fin"], st["e"]
+def _step(model, cache, pending, st, cfg, T):
+    """One step's model work and draws, fixed shapes, no host sync (compile=True compiles this):
+    pending (B, 1) at position st['pos'], with T = 2 and a draft ~ st['q']. Updates st; -> the
+    tokens for out[n..] (B, T) and how many count (2 if every unfinished row kept its draft; 0 once
+    all have ended). The draft's slot yields the bonus token; the MTP then runs (main hidden, new
+    token) at both positions, right whatever is kept, so its logits draft the token after a 1- or a
+    2-token commit. A rejected draft leaves junk at the second position, written first next step.
+    Rows run in lockstep: dropping a row's bonus since another row rejected keeps the law exact."""
+    pos, fin, e, eot = st["pos"], st["fin"], st["e"], cfg[4]
+    tok = pending if T == 1 else torch.cat([pending, draw(st["q"], e[:, 2])[:, None]], dim=1)
     logits, h = model.forward_cached(tok, cache, pos)
     p = probs_of(logits, *cfg[:4])
-    if tok.shape[1] == 1:
-        new, both = draw(p, e[:, :1]), None
-        keep = torch.ones((), dtype=torch.long, device=tok.device)
+    if T == 1:
+        new, keep, both = draw(p, e[:, :1]), 1, None
     else:
+        live = ~fin
         accepted, first = speculative_accept(p[:, 0], st["q"], tok[:, 1], st["u"], e[:, 0])
         new = torch.stack([first, draw(p[:, 1], e[:, 1])], dim=1)
         both = (accepted | fin).all()
         q = probs_of(model.mtp_cached(h, new, cache, pos)[0], *cfg[:4])
-        st["q"].copy_(torch.where(both, q[:, 1], q[:, 0]))
-        st["draft"].copy_(draw(st["q"], e[:, 2]))
-        st["accepted"].add_((accepted & ~fin).sum())
-        st["drafted"].add_((~fin).sum())
+        st["q"].copy_(torch.where(both, q[:, 1], q[:, 0]))  # the next draft's law
+        st["accepted"].add_((accepted & live).sum())
+        st["drafted"].add_(live.sum())
         keep = 1 + both.long()
     if eot is not None:  # end of text: a row that has written eot writes only eot from then on
         cols, ended = [], [fin]
@@ -139,37 +125,51 @@ def _step(model, cache, tok, st, cfg):
 
 @functools.cache
 def _compiled_step():
-    # one compiled function per process: dynamo keeps a graph per shape (batch, 1 or 2 tokens)
-    return torch.compile(_step, dynamic=False)
+    return torch.compile(_step, dynamic=False)  # one per process: dynamo keeps a graph per shape
 
 
-def _graphed(run):
-    """run (a step on static tensors), captured as a CUDA graph: one launch instead of hundreds (at
-    these model sizes an eager step is bound by the CPU launching kernels). It runs twice first, on
-    a side stream (compiling, allocating, lazy init); the caller sets the state for those runs."""
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        for _ in range(2):
+def _step_fn(model, cache, out, st, cfg, T, generator, graph, compile):
+    """The step with T tokens in, as a callable: noise, _step on the pending token, the new tokens
+    written at n. graph: captured as a CUDA graph, one launch instead of hundreds (eager, a step is
+    bound by the CPU launching kernels), after two runs on a side stream (compiling, allocating)."""
+    core, at = _compiled_step() if compile else _step, torch.arange(T, device=out.device)
+
+    def run():  # (n, pos and keep stay on the device)
+        n = st["n"]
+        new, keep = core(model, cache, out.gather(1, (n - 1).expand(out.shape[0], 1)), st, cfg, T)
+        out.scatter_(1, (n + at).expand_as(new), new)
+        n.add_(keep)
+        st["pos"].add_(keep)
+    if graph:
+        saved, side = {k: v.clone() for k, v in st.items()}, torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            for _ in range(2):  # each from the state as given (writes at out[n], cache slot pos..)
+                run()
+                for k, v in saved.items():
+                    st[k].copy_(v)
+        torch.cuda.current_stream().wait_stream(side)
+        g = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(g):
             run()
-    torch.cuda.current_stream().wait_stream(side)
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        run()
-    return g.replay
+
+    def step():
+        if cfg[0] > 0:  # sampling: fresh noise, drawn outside the graph so that each replay has its own
+            st["u"].uniform_(generator=generator)
+            st["e"].exponential_(generator=generator).clamp_min_(1e-20)
+        (g.replay if graph else run)()
+    return step
 
 
-def _prefill(model, cache, out, st, s, n, cfg, speculative, noise):
-    """(Re)build the caches for the window out[:, s:n], whose last token is pending: the main
-    model's entries for s..n-2 and, speculative, the MTP's for the pairs (main hidden of token j,
-    token j+1), whose last logits give the draft. -> whether the next step can be speculative."""
+def _prefill(model, cache, out, st, s, n, cfg, speculative):
+    """(Re)build the caches for the window out[:, s:n], its last token pending: the main model's
+    entries for s..n-2 and, speculative, the MTP's for the pairs (main hidden of token j, token
+    j+1), whose last logits give the draft's law. -> whether the next step can be speculative."""
     if n - 1 - s == 0:
         return not speculative  # no pair yet to draft from
     h = model.forward_cached(out[:, s:n - 1], cache, 0)[1]
     if speculative:
-        noise()
         st["q"].copy_(probs_of(model.mtp_cached(h, out[:, s + 1:n], cache, 0)[0][:, -1], *cfg[:4]))
-        st["draft"].copy_(draw(st["q"], st["e"][:, 2]))
     return True
 
 
@@ -179,19 +179,14 @@ def _prefill(model, cache, out, st, s, n, cfg, speculative, noise):
 @torch.no_grad()
 def generate(model, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=1.0, eot=None, generator=None, *,
              speculative=False, vocab_size=None, on_tokens=None, sync_every=16, cuda_graph=False, compile=False):
-    """Continue every row of idx (B, T) by max_new_tokens tokens. Returns (tokens (B, T + n), stats
-    {'accepted', 'drafted'}: the drafts the main model kept, and those it checked, per unfinished row);
-    n <= max_new_tokens, fewer only when every row has ended.
-
-    temperature 0 is greedy; top_k/top_p filter after the temperature (filter_logits). With eot set,
-    a row that produced eot goes on producing eot only, and generation stops once every row has.
-    vocab_size: only ids below it are drawn. generator: a torch.Generator on idx's device, for
-    reproducible sampling. speculative: the MTP module drafts (the model needs mtp_depth >= 1); greedy
-    then gives generate()'s plain tokens exactly in fp32 (in bf16 the 1- and 2-token steps round
-    differently, so a near-tie can break the other way), and sampling the same distribution.
-    The host reads the state every sync_every steps at most (one small read: the token count and
-    the rows left), and calls on_tokens(new tokens (B, k)) with what came since, for streaming.
-    cuda_graph (CUDA only): replay each step as a captured CUDA graph; compile: torch.compile it."""
+    """Continue every row of idx (B, T) by max_new_tokens tokens. -> (tokens (B, T + n), {'accepted',
+    'drafted'}: drafts kept and checked, per unfinished row); n < max_new_tokens only once every row
+    has ended: with eot set, a row that wrote eot writes only eot. temperature 0 is greedy; top_k,
+    top_p filter after it. vocab_size: draw only ids below it. generator: for reproducible sampling.
+    speculative: the MTP module drafts; greedy gives the plain tokens exactly in fp32 (in bf16 the
+    1- and 2-token steps round differently: a near-tie can break the other way), sampling the same
+    law. The host reads the state every sync_every steps at most (the token count and rows left)
+    and calls on_tokens(new tokens (B, k)). cuda_graph (CUDA): replay steps as CUDA graphs."""
     _check(temperature, top_k, top_p, max_new_tokens)
     if speculative and model.args.mtp_depth < 1:
         raise ValueError("speculative decoding needs an MTP module (this model has mtp_depth=0)")
@@ -199,57 +194,36 @@ def generate(model, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=1.0,
     if P == 0:
         raise ValueError("idx is empty: start from at least one token (e.g. the end-of-text token)")
     bs, dev, end = model.args.block_size, idx.device, P + max_new_tokens
-    out = torch.empty(B, end + 2, dtype=torch.long, device=dev)  # (+2: a 2-token step at end - 1, warm-ups)
-    out[:, :P] = idx
+    out = torch.cat([idx, idx.new_empty(B, max_new_tokens + 2)], dim=1)  # (+2: a step at end - 1, warm-ups)
     V = min(vocab_size or model.args.vocab_size, model.args.vocab_size)
     cfg = (temperature, top_k, top_p, V, eot)
     z = functools.partial(torch.zeros, device=dev, dtype=torch.long)
-    # the state: token count n, window start s, rows ended, draft and its q, noise (greedy: u = 0, e = 1)
-    st = {"n": z(()), "s": z(()), "fin": z(B, dtype=torch.bool), "draft": z(B), "q": z(B, V, dtype=torch.float),
+    # tokens so far, the pending token's position (warm-ups: out[P - 1] at 0), rows ended, the
+    # draft's law q, noise for the draws (greedy: u = 0, e = 1), and the draft counts
+    st = {"n": z(()) + P, "pos": z(()), "fin": z(B, dtype=torch.bool), "q": z(B, V, dtype=torch.float),
           "u": z(B, dtype=torch.float), "e": torch.ones(B, 3 if speculative else 1, V, device=dev),
           "accepted": z(()), "drafted": z(())}
-
-    def noise():  # fresh draws for a sampling step, outside the step so that a graph replays it
-        if temperature > 0:
-            st["u"].uniform_(generator=generator)
-            st["e"].exponential_(generator=generator).clamp_min_(1e-20)
 
     was_training = model.training
     model.eval()
     try:
         cache = model.make_cache(B, dtype=model.tok_emb.weight.dtype)
-        core = _compiled_step() if compile else _step
-
-        def step_of(T):  # the bookkeeping around _step: read the pending token, write the new ones
-            def run():
-                tok = out.gather(1, (st["n"] - 1).expand(B, 1))
-                tok = torch.cat([tok, st["draft"][:, None]], dim=1) if T == 2 else tok
-                new, keep = core(model, cache, tok, st, cfg)
-                out.scatter_(1, st["n"] + torch.arange(T, device=dev).expand(B, T), new)
-                st["n"].add_(keep)
-            if not (cuda_graph and dev.type == "cuda"):
-                return run
-            st["n"].fill_(P)  # warm-ups in bounds: pending token P - 1 at position 0, writes at P, P + 1
-            st["s"].fill_(P - 1)
-            return _graphed(run)
-
         # before the prefill: warm-ups write junk into the first cache slots, rewritten before use
-        steps = {T: step_of(T) for T in ((1, 2) if speculative and bs >= 2 else (1,))}
-        for k in ("fin", "accepted", "drafted"):
-            st[k].zero_()
+        graph = cuda_graph and dev.type == "cuda"
+        steps = {T: _step_fn(model, cache, out, st, cfg, T, generator, graph, compile)
+                 for T in ((1, 2) if speculative and bs > 1 else (1,))}
         n, s, ready = P, max(0, P - bs), False
         while n < end:
             if n - s > bs:  # no room for the next token's context: slide the window
                 s, ready = n - max(1, bs // 2), False
             if not ready:
-                ready = _prefill(model, cache, out, st, s, n, cfg, speculative, noise)
+                ready = _prefill(model, cache, out, st, s, n, cfg, speculative)
             T = 2 if speculative and ready and n - s < bs else 1
             # as many steps as cannot pass the window or the end, even if each commits T tokens
             k = 1 if speculative and T == 1 else min(sync_every, (min(s + bs + 2 - T, end) - 1 - n) // T + 1)
             st["n"].fill_(n)
-            st["s"].fill_(s)
+            st["pos"].fill_(n - 1 - s)
             for _ in range(k):
-                noise()
                 steps[T]()
             n_new, left = torch.stack([st["n"], (~st["fin"]).sum()]).tolist()  # the one host sync
             if on_tokens is not None and n_new > n:
@@ -267,23 +241,18 @@ def generate(model, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=1.0,
 # the command line
 
 class TextStream:
-    """An on_tokens callback for batch 1 that writes the decoded text as tokens arrive, up to the
-    end-of-text token eot. Decodes bytes incrementally, so a character split over two tokens is
-    written once it is whole."""
+    """An on_tokens callback for batch 1: writes the text as tokens arrive, up to the end-of-text
+    token eot, decoding bytes incrementally (a character split over two tokens is written whole)."""
 
     def __init__(self, enc, eot=None, file=None):
-        self.enc, self.eot, self.file = enc, eot, file or sys.stdout
+        self.enc, self.eot, self.file, self.done = enc, eot, file or sys.stdout, False
         self.decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
-        self.done = False
 
     def __call__(self, tokens):
-        text = []
-        for t in tokens[0].tolist():
-            if self.done or t == self.eot:
-                self.done = True
-                break
-            text.append(self.decoder.decode(self.enc.decode_single_token_bytes(t)))
-        self.file.write("".join(text))
+        ids = [] if self.done else tokens[0].tolist()
+        if self.eot in ids:
+            ids, self.done = ids[:ids.index(self.eot)], True
+        self.file.write(self.decoder.decode(self.enc.decode_bytes(ids)))
         self.file.flush()
 
     def close(self):
@@ -305,42 +274,37 @@ def gpt2_encoding():
              "(needs the network once), or point TIKTOKEN_CACHE_DIR at a cache that has it")
 
 
-def pick_device(device, dtype):
-    """('auto' or a device, 'auto' or a dtype name) -> (device, dtype name), or one error line."""
+def load_model(path, device, dtype, speculative):
+    """-> (the checkpoint's model on the device, in the dtype, device, dtype), or one error line."""
+    cuda, mps = torch.cuda.is_available(), torch.backends.mps.is_available()
     if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
+        device = "cuda" if cuda else "mps" if mps else "cpu"
     try:
         d = torch.device(device)
+        ok = {"cpu": True, "mps": mps, "cuda": cuda and (d.index or 0) < torch.cuda.device_count()}.get(d.type)
     except (RuntimeError, ValueError):
-        d = None
-    if not (d is not None and (d.type == "cpu" or d.type == "mps" and torch.backends.mps.is_available() or (
-            d.type == "cuda" and torch.cuda.is_available() and (d.index or 0) < torch.cuda.device_count()))):
+        ok = False
+    if not ok:
         fail(f"device='{device}' is not available here (use 'auto', 'cpu', 'cuda', 'cuda:N' or 'mps')", 2)
     if dtype == "auto":
         dtype = "bfloat16" if d.type == "cuda" and torch.cuda.is_bf16_supported() else "float32"
     if dtype not in ("float32", "bfloat16", "float16"):
         fail(f"dtype='{dtype}' must be 'auto', 'float32', 'bfloat16' or 'float16'", 2)
-    return device, dtype
-
-
-def load_model(path, device, dtype, speculative):
     try:
         model = load_checkpoint(path, map_location="cpu")[0]
     except CheckpointError as e:
-        fail(str(e))
+        fail(e)
     if speculative and model.args.mtp_depth < 1:
         fail(f"{path} has no MTP module (mtp_depth=0): speculative decoding needs one", 2)
-    # weights in the sampling dtype; the buffers (RoPE tables, the expert-selection bias) stay fp32,
-    # as they were in training under autocast
-    for p in model.parameters():
+    for p in model.parameters():  # the buffers (RoPE tables, expert biases) stay fp32, as in training
         p.data = p.data.to(getattr(torch, dtype))
-    if torch.device(device).type == "mps" and model.args.moe_impl == "auto":
+    if d.type == "mps" and model.args.moe_impl == "auto":
         model.args.moe_impl = "loop"  # torch._grouped_mm may have no MPS kernel
-    return model.to(device).eval()
+    return model.to(device).eval(), device, dtype
 
 
 def main():
-    """The command line, on the knobs below (module globals); stories go to stdout, notes to stderr."""
+    """The command line, on the knobs below (module globals): stories to stdout, notes to stderr."""
     try:
         _check(temperature, top_k, top_p, max_new_tokens)
     except ValueError as e:
@@ -354,41 +318,36 @@ def main():
                 prompt = f.read()
         except (OSError, UnicodeDecodeError) as e:
             fail(f"cannot read the prompt file '{start[5:]}': {getattr(e, 'strerror', None) or e}")
-    dev, dt = pick_device(device, dtype)
     torch.manual_seed(seed)
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
-    model = load_model(os.path.join(out_dir, "ckpt.pt"), dev, dt, speculative)
-    enc = gpt2_encoding()
+    model, dev, dt = load_model(os.path.join(out_dir, "ckpt.pt"), device, dtype, speculative)
+    enc, V = gpt2_encoding(), model.args.vocab_size
     ids = enc.encode(prompt, allowed_special={"<|endoftext|>"})
     ids = [enc.eot_token] + ids if eot_prefix or not ids else ids
-    V = model.args.vocab_size
     if max(ids) >= V:
         fail(f"the prompt has token {max(ids)} but the model's vocabulary has {V} (a GPT-2 model needs >= 50257)")
     eot = enc.eot_token if stop_at_eot else None
-    x = torch.tensor(ids, device=dev)[None].repeat(num_samples, 1)
     stream = TextStream(enc, eot) if num_samples == 1 else None  # one story streams as it is written
-    if stream is not None:
-        sys.stdout.write(prompt)
-        sys.stdout.flush()
+    if stream:
+        print(prompt, end="", flush=True)
     t0 = time.perf_counter()
-    y, st = generate(model, x, max_new_tokens, temperature, top_k, top_p, eot, torch.Generator(device=dev).manual_seed(seed),
-                     speculative=speculative, vocab_size=min(V, enc.n_vocab), on_tokens=stream,
-                     cuda_graph=cuda_graph, compile=compile)
+    y, st = generate(model, torch.tensor([ids] * num_samples, device=dev), max_new_tokens, temperature, top_k,
+                     top_p, eot, torch.Generator(device=dev).manual_seed(seed), speculative=speculative,
+                     vocab_size=min(V, enc.n_vocab), on_tokens=stream, cuda_graph=cuda_graph, compile=compile)
     secs = time.perf_counter() - t0  # (generate's last read waited for the device)
     rows = y[:, len(ids):].tolist()
     for row in rows:
         text = stream or TextStream(enc, eot)
-        if stream is None:
-            sys.stdout.write(prompt)
+        if not stream:
+            print(prompt, end="")
             text(torch.tensor([row]))
         text.close()
         print("\n---------------", flush=True)
     if verbose:  # tokens written, up to and including each story's end-of-text
         made = sum(r.index(eot) + 1 if eot in r else len(r) for r in rows)
-        msg = f"{made} tokens in {secs:.2f}s: {made / secs:.1f} tokens/s ({dev}, {dt})"
-        if speculative:
-            msg += f"; drafts accepted {st['accepted']}/{st['drafted']} = {st['accepted'] / max(st['drafted'], 1):.1%}"
-        print(msg, file=sys.stderr)
+        rate = f"; drafts accepted {st['accepted']}/{st['drafted']} = {st['accepted'] / max(st['drafted'], 1):.1%}"
+        print(f"{made} tokens in {secs:.2f}s: {made / secs:.1f} tokens/s ({dev}, {dt})" + rate * speculative,
+              file=sys.stderr)
 
 
 if __name__ == "__main__":
@@ -405,8 +364,7 @@ if __name__ == "__main__":
     seed = 1337
     device = "auto"                 # 'auto' (cuda, else mps, else cpu), 'cpu', 'cuda', 'cuda:1', 'mps'
     dtype = "auto"                  # 'auto' (bfloat16 on CUDA if supported, else float32), 'float32', 'bfloat16', 'float16'
-    compile = False                 # torch.compile the decode step: about a minute of compiling first,
-                                    # then faster steps; pays off for long or many generations
+    compile = False                 # torch.compile the decode step: a minute of compiling, then faster
     cuda_graph = True               # on CUDA, replay each decode step as a captured CUDA graph
     verbose = False                 # report tokens/s (and the draft acceptance rate) on stderr
     try:
