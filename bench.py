@@ -256,12 +256,12 @@ def bench_sample():
         p.data = p.data.to(wdt)
     model.to(device).eval()
     try:  # a real prompt: the first 16 tokens of the validation text
-        prompt = torch.from_numpy(np.fromfile(f"{data_dir}/val.bin", dtype=np.uint16)[:16].astype(np.int64))[None]
+        prompt = torch.from_numpy(np.fromfile(f"{data_dir}/val.bin", dtype=np.uint16)[:16].astype(np.int64))
     except OSError:
-        prompt = torch.randint(0, 50257, (1, 16))
-    prompt, P = prompt.to(device), prompt.shape[1]
+        prompt = torch.randint(0, 50257, (16,))
+    prompt, P = prompt[None].to(device), len(prompt)
     r = {"ckpt": ckpt or "random weights", "gen_tokens": gen_tokens, "dtype": str(wdt)}
-    r["cache_bytes_per_token"], r["per_head_cache_bytes_per_token"] = model.cache_bytes_per_token(torch.bfloat16)
+    r["cache_bytes_per_token"], r["per_head_cache_bytes_per_token"] = model.cache_bytes_per_token()
 
     def wall(B, n, **kw):
         sync()
@@ -280,7 +280,8 @@ def bench_sample():
                 t0 = wall(B, n0, speculative=spec, **kw)[0]
                 t1, y, st = wall(B, gen_tokens, speculative=spec, **kw)
                 r[f"{k}_tok_s"] = B * (gen_tokens - n0) / (t1 - t0)
-                print(f"  {k}: {r[f'{k}_tok_s']:,.0f} tok/s (first call {r[f'{k}_first_call_s']:.1f} s)", flush=True)
+                print(f"  {k}: {r[k + '_tok_s']:,.0f} tok/s (first call {r[k + '_first_call_s']:.1f} s)",
+                      flush=True)
                 if spec:
                     r[f"{k}_speedup"] = r[f"{k}_tok_s"] / r[f"{tag}decode_b1_{name}_tok_s"]
                     r[f"{k}_acceptance"] = st["accepted"] / max(1, st["drafted"])

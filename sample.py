@@ -162,9 +162,8 @@ def _step_fn(model, cache, out, st, cfg, T, generator, graph, compile):
 
 
 def _prefill(model, cache, out, st, s, n, cfg, speculative):
-    """(Re)build the caches for the window out[:, s:n], its last token pending: the main model's
-    entries for s..n-2 and, speculative, the MTP's for the pairs (main hidden of token j, token
-    j+1), whose last logits give the draft's law. -> whether the next step can be speculative."""
+    """(Re)build the caches for the window out[:, s:n] but its pending last token: main model, and MTP
+    pairs (main hidden of token j, token j+1) for the draft's law. -> whether a draft is ready."""
     if n - 1 - s == 0:
         return not speculative  # no pair yet to draft from
     h = model.forward_cached(out[:, s:n - 1], cache, 0)[1]
@@ -177,8 +176,9 @@ def _prefill(model, cache, out, st, s, n, cfg, speculative):
 # generation
 
 @torch.no_grad()
-def generate(model, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=1.0, eot=None, generator=None, *,
-             speculative=False, vocab_size=None, on_tokens=None, sync_every=16, cuda_graph=False, compile=False):
+def generate(model, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=1.0, eot=None, generator=None,
+             *, speculative=False, vocab_size=None, on_tokens=None, sync_every=16, cuda_graph=False,
+             compile=False):
     """Continue every row of idx (B, T) by max_new_tokens tokens. -> (tokens (B, T + n), {'accepted',
     'drafted'}: drafts kept and checked, per unfinished row); n < max_new_tokens only once every row
     has ended: with eot set, a row that wrote eot writes only eot. temperature 0 is greedy; top_k,
@@ -203,15 +203,14 @@ def generate(model, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=1.0,
     st = {"n": z(()) + P, "pos": z(()), "fin": z(B, dtype=torch.bool), "q": z(B, V, dtype=torch.float),
           "u": z(B, dtype=torch.float), "e": torch.ones(B, 3 if speculative else 1, V, device=dev),
           "accepted": z(()), "drafted": z(())}
-
     was_training = model.training
     model.eval()
     try:
         cache = model.make_cache(B, dtype=model.tok_emb.weight.dtype)
-        # before the prefill: warm-ups write junk into the first cache slots, rewritten before use
-        graph = cuda_graph and dev.type == "cuda"
-        steps = {T: _step_fn(model, cache, out, st, cfg, T, generator, graph, compile)
-                 for T in ((1, 2) if speculative and bs > 1 else (1,))}
+        # (before the prefill: warm-ups write junk into the first cache slots, rewritten before use)
+        graph, Ts = cuda_graph and dev.type == "cuda", ((1, 2) if speculative and bs > 1 else (1,))
+        steps = {T: _step_fn(model, cache, out, st, cfg, T, generator, graph, compile and T == Ts[-1])
+                 for T in Ts}  # compiled: the usual step (speculative, a 1-token one is rare)
         n, s, ready = P, max(0, P - bs), False
         while n < end:
             if n - s > bs:  # no room for the next token's context: slide the window
@@ -281,10 +280,9 @@ def load_model(path, device, dtype, speculative):
         device = "cuda" if cuda else "mps" if mps else "cpu"
     try:
         d = torch.device(device)
-        ok = {"cpu": True, "mps": mps, "cuda": cuda and (d.index or 0) < torch.cuda.device_count()}.get(d.type)
     except (RuntimeError, ValueError):
-        ok = False
-    if not ok:
+        d = torch.device("meta")  # not a device: refused below
+    if not {"cpu": True, "mps": mps, "cuda": cuda and (d.index or 0) < torch.cuda.device_count()}.get(d.type):
         fail(f"device='{device}' is not available here (use 'auto', 'cpu', 'cuda', 'cuda:N' or 'mps')", 2)
     if dtype == "auto":
         dtype = "bfloat16" if d.type == "cuda" and torch.cuda.is_bf16_supported() else "float32"
@@ -325,7 +323,7 @@ def main():
     ids = enc.encode(prompt, allowed_special={"<|endoftext|>"})
     ids = [enc.eot_token] + ids if eot_prefix or not ids else ids
     if max(ids) >= V:
-        fail(f"the prompt has token {max(ids)} but the model's vocabulary has {V} (a GPT-2 model needs >= 50257)")
+        fail(f"the prompt has token {max(ids)} but the model's vocabulary has {V} (GPT-2 needs >= 50257)")
     eot = enc.eot_token if stop_at_eot else None
     stream = TextStream(enc, eot) if num_samples == 1 else None  # one story streams as it is written
     if stream:
@@ -345,8 +343,9 @@ def main():
         print("\n---------------", flush=True)
     if verbose:  # tokens written, up to and including each story's end-of-text
         made = sum(r.index(eot) + 1 if eot in r else len(r) for r in rows)
-        rate = f"; drafts accepted {st['accepted']}/{st['drafted']} = {st['accepted'] / max(st['drafted'], 1):.1%}"
-        print(f"{made} tokens in {secs:.2f}s: {made / secs:.1f} tokens/s ({dev}, {dt})" + rate * speculative,
+        a, d = st["accepted"], st["drafted"]
+        note = f"; drafts accepted {a}/{d} = {a / max(d, 1):.1%}" if speculative else ""
+        print(f"{made} tokens in {secs:.2f}s: {made / secs:.1f} tokens/s ({dev}, {dt}){note}",
               file=sys.stderr)
 
 
@@ -363,7 +362,7 @@ if __name__ == "__main__":
     speculative = False             # MTP drafts the token after next, the main model verifies
     seed = 1337
     device = "auto"                 # 'auto' (cuda, else mps, else cpu), 'cpu', 'cuda', 'cuda:1', 'mps'
-    dtype = "auto"                  # 'auto' (bfloat16 on CUDA if supported, else float32), 'float32', 'bfloat16', 'float16'
+    dtype = "auto"                  # 'auto' (bf16 on CUDA if it can, else fp32), float32, bfloat16, float16
     compile = False                 # torch.compile the decode step: a minute of compiling, then faster
     cuda_graph = True               # on CUDA, replay each decode step as a captured CUDA graph
     verbose = False                 # report tokens/s (and the draft acceptance rate) on stderr

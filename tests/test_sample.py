@@ -368,7 +368,8 @@ def test_speculative_sampling_preserves_distribution(top_k, top_p, draft):
         spec, st = generate(m, X, 2, generator=torch.Generator().manual_seed(1), speculative=True, **kw)
         assert 0.2 < st["accepted"] / st["drafted"] < 0.8 and st["drafted"] == 2 * N  # two steps
     else:
-        spec, st = generate(OracleDraft(m), X, 2, generator=torch.Generator().manual_seed(1), speculative=True, **kw)
+        g = torch.Generator().manual_seed(1)
+        spec, st = generate(OracleDraft(m), X, 2, generator=g, speculative=True, **kw)
         assert st["accepted"] / st["drafted"] > 0.99 and st["drafted"] == N  # one step, two tokens
     assert spec.shape == (N, 5)
     assert tv(spec) < 0.05
@@ -403,7 +404,7 @@ def ckpts(tmp_path_factory):
     os.makedirs(d / "corrupt")
     (d / "corrupt" / "ckpt.pt").write_bytes(b"PK\x03\x04 not really a checkpoint")
     os.makedirs(d / "foreign")
-    torch.save({"model": {}, "model_args": {"n_layer": 2, "rotary_pct": 0.25}}, str(d / "foreign" / "ckpt.pt"))
+    torch.save({"model": {}, "model_args": {"n_layer": 2, "rotary_pct": 0.25}}, d / "foreign" / "ckpt.pt")
     os.makedirs(d / "notours")
     torch.save({"state_dict": {}}, str(d / "notours" / "ckpt.pt"))
     (d / "prompt.txt").write_text("Tom had a red ball.")
@@ -478,7 +479,8 @@ def test_cli_in_process(ckpts, monkeypatch, capsys):
     code, cap = run_main(monkeypatch, capsys, *ok, "--max_new_tokens=5", "--num_samples=2",
                          f"--start=FILE:{ckpts / 'prompt.txt'}")
     assert code == 0
-    assert [t.startswith("Tom had a red ball.") for t in story(cap.out).split("---------------\n")] == [True, True, False]
+    stories = story(cap.out).split("---------------\n")
+    assert [t.startswith("Tom had a red ball.") for t in stories] == [True, True, False]
 
 
 @pytest.mark.needs_gpt2
@@ -543,7 +545,8 @@ def run_main(monkeypatch, capsys, *args):
     ("corrupt checkpoint", ["--out_dir={d}/corrupt"], "unreadable"),
     ("foreign architecture", ["--out_dir={d}/foreign"], "different architecture"),
     ("not a checkpoint", ["--out_dir={d}/notours"], "not a checkpoint"),
-    pytest.param("small vocabulary", ["--out_dir={d}/smallvocab"], "vocabulary", marks=pytest.mark.needs_gpt2),
+    pytest.param("small vocabulary", ["--out_dir={d}/smallvocab"], "vocabulary",
+                 marks=pytest.mark.needs_gpt2),  # (the check needs the tokens of the prompt)
     ("no MTP", ["--out_dir={d}/nomtp", "--speculative=True"], "MTP"),
     ("temperature < 0", ["--temperature=-0.5"], "temperature"),
     ("top_p = 0", ["--top_p=0"], "top_p"),
