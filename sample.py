@@ -78,7 +78,7 @@ def speculative_accept(p, q, draft, u, e):
 def _check(temperature, top_k, top_p, max_new_tokens):
     if not (isinstance(temperature, (int, float)) and temperature >= 0):
         raise ValueError(f"temperature must be >= 0 (0 = greedy), got {temperature!r}")
-    if top_k is not None and not (isinstance(top_k, int) and top_k >= 1):
+    if top_k is not None and not (type(top_k) is int and top_k >= 1):  # (not a bool)
         raise ValueError(f"top_k must be an integer >= 1 or None (off), got {top_k!r}")
     if not (isinstance(top_p, (int, float)) and 0 < top_p <= 1):
         raise ValueError(f"top_p must be in (0, 1] (1.0 = off), got {top_p!r}")
