@@ -233,144 +233,83 @@ def checks(args):
     return {"grouped_vs_dense_rel": out_rel, "fullgraph": True, "no_sync": True}
 
 
-def common_prefix(a, b, skip):
-    """How many leading tokens after the first `skip` (the prompt) two generations share (row 0)."""
-    a, b = a[0, skip:].tolist(), b[0, skip:].tolist()
-    return next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
-
-
 def bench_sample():
-    """Generation speed with sample.py's functions at batch 1 and 16, each way a decode step can run
-    (eager; CUDA graph; torch.compile + CUDA graph): prefill, steady decode, speculative decoding,
-    the uncached baseline (nanoGPT's way: the whole prefix recomputed for every token), and the
-    GPU time and kernel count of one 1-token step. On CUDA, plain and speculative greedy decoding
-    run again in fp32 without TF32, where the two must give the same tokens."""
+    """Generation with sample.generate, greedy, for each way a decode step can run (eager; CUDA graph;
+    torch.compile + CUDA graph): prefill tokens/s, steady decode tokens/s at batch 1 and 16, and at
+    batch 1 speculative decoding's speed-up and draft acceptance, and how many tokens it shares with
+    plain decoding (all of them in fp32: on CUDA both run again in fp32 without TF32)."""
     import numpy as np
     from model import load_checkpoint
-    from sample import DecodeSteps, generate, generate_speculative
-    model = load_checkpoint(ckpt)[0] if ckpt else DeepSeekV3(base)
-    wdt = torch.bfloat16 if dtype == "bfloat16" else torch.float32
-    for p in model.parameters():
-        p.data = p.data.to(wdt)
-    model.to(device).eval()
-    a = model.args
+    from sample import generate
     if gen_tokens < 8:
         raise SystemExit(f"error: gen_tokens={gen_tokens}: steady decode speed needs at least 8 new tokens")
-    r = {"ckpt": ckpt or "random weights", "gen_tokens": gen_tokens, "dtype": str(wdt)}
-    r["cache_bytes_per_token"], r["per_head_cache_bytes_per_token"] = model.cache_bytes_per_token(torch.bfloat16)
-    val = f"{data_dir}/val.bin"
-    try:  # a real prompt: the first 16 tokens of the validation text
-        prompt = torch.from_numpy(np.fromfile(val, dtype=np.uint16)[:16].astype(np.int64))[None]
-    except OSError:
-        prompt = torch.randint(0, 50257, (1, 16))
-    prompt = prompt.to(device)
-    P = prompt.shape[1]
-
-    def wall(fn):
-        sync()
-        t0 = time.perf_counter()
-        out = fn()
-        sync()
-        return time.perf_counter() - t0, out
-
-    def rate(gen, B):
-        """(steady tokens/s, end-to-end tokens/s, first call's seconds, output of the full run).
-        Steady: the difference of a gen_tokens run and an n0-token run, so the setup (cache,
-        prefill, graph capture) cancels out. The first call compiles, where there is compiling."""
-        n0 = gen_tokens // 8  # 32 of the default 256
-        t_first, _ = wall(lambda: gen(B, n0))
-        t0, _ = wall(lambda: gen(B, n0))
-        t1, out = wall(lambda: gen(B, gen_tokens))
-        return B * (gen_tokens - n0) / (t1 - t0), B * gen_tokens / t1, t_first, out
-
-    every = {"eager": dict(cuda_graph=False, compile=False), "graph": dict(cuda_graph=True, compile=False),
+    every = {"eager": dict(cuda_graph=False), "graph": dict(cuda_graph=True),
              "compiled_graph": dict(cuda_graph=True, compile=True)}
-    asked = decode_modes.split(",")
-    if set(asked) - set(every):
+    if set(decode_modes.split(",")) - set(every):
         raise SystemExit(f"error: decode_modes={decode_modes!r}: pick from {', '.join(every)}")
-    modes = {k: every[k] for k in asked if k == "eager" or device_type == "cuda"}
+    modes = {k: every[k] for k in decode_modes.split(",") if k == "eager" or device_type == "cuda"}
     if not modes:
         raise SystemExit(f"error: decode_modes={decode_modes!r}: the graph modes need CUDA; add eager")
+    model = load_checkpoint(ckpt)[0] if ckpt else DeepSeekV3(base)
+    wdt = torch.bfloat16 if dtype == "bfloat16" else torch.float32
+    for p in model.parameters():  # as sample.py does: the buffers (RoPE tables, expert biases) stay fp32
+        p.data = p.data.to(wdt)
+    model.to(device).eval()
+    try:  # a real prompt: the first 16 tokens of the validation text
+        prompt = torch.from_numpy(np.fromfile(f"{data_dir}/val.bin", dtype=np.uint16)[:16].astype(np.int64))
+    except OSError:
+        prompt = torch.randint(0, 50257, (16,))
+    prompt, P = prompt[None].to(device), len(prompt)
+    r = {"ckpt": ckpt or "random weights", "gen_tokens": gen_tokens, "dtype": str(wdt)}
+    r["cache_bytes_per_token"], r["per_head_cache_bytes_per_token"] = model.cache_bytes_per_token()
 
-    def measure(tag, modes, batches=(1, 16)):
-        plain = {}
+    def wall(B, n, **kw):
+        sync()
+        t0 = time.perf_counter()
+        y, st = generate(model, prompt.repeat(B, 1), n, temperature=0, **kw)
+        sync()
+        return time.perf_counter() - t0, y, st
+
+    def measure(tag, batches):
+        """Steady tokens/s: a gen_tokens run less an n0-token one, so set-up, prefill and capture cancel."""
+        n0 = gen_tokens // 8
         for name, kw in modes.items():
-            for B in batches:
-                k = f"{tag}decode_b{B}_{name}"
-                r[f"{k}_tok_s"], r[f"{k}_end_to_end_tok_s"], r[f"{k}_first_call_s"], y = rate(
-                    lambda B, n: generate(model, prompt.repeat(B, 1), n, temperature=0, **kw), B)
-                if B == 1:
-                    plain[name] = y
-                print(f"  {k}: {r[f'{k}_tok_s']:,.0f} tok/s (first call {r[f'{k}_first_call_s']:.1f} s)", flush=True)
-            if name != "eager" and "eager" in plain:
-                r[f"{tag}{name}_tokens_same_as_eager"] = common_prefix(plain[name], plain["eager"], P)
-        if not a.mtp_depth:
-            return plain
-        for name, kw in modes.items():
-            st, k = {}, f"{tag}spec_b1_{name}"
+            for B, spec in [(B, False) for B in batches] + [(1, True)] * (a.mtp_depth > 0):
+                k = f"{tag}{'spec' if spec else 'decode'}_b{B}_{name}"
+                r[f"{k}_first_call_s"] = wall(B, n0, speculative=spec, **kw)[0]  # compiles, where it does
+                t0 = wall(B, n0, speculative=spec, **kw)[0]
+                t1, y, st = wall(B, gen_tokens, speculative=spec, **kw)
+                r[f"{k}_tok_s"] = B * (gen_tokens - n0) / (t1 - t0)
+                print(f"  {k}: {r[k + '_tok_s']:,.0f} tok/s (first call {r[k + '_first_call_s']:.1f} s)",
+                      flush=True)
+                if spec:
+                    r[f"{k}_speedup"] = r[f"{k}_tok_s"] / r[f"{tag}decode_b1_{name}_tok_s"]
+                    r[f"{k}_acceptance"] = st["accepted"] / max(1, st["drafted"])
+                    same = (y[0, P:] != plain[0, P:]).long().cumsum(0) == 0
+                    r[f"{k}_tokens_same_as_plain"] = int(same.sum())
+                elif B == 1:
+                    plain = y
 
-            def spec(B, n):
-                ys, s = generate_speculative(model, prompt, n, temperature=0, **kw)
-                st.update(s)
-                return ys
-            r[f"{k}_tok_s"], _, r[f"{k}_first_call_s"], ys = rate(spec, 1)
-            r[f"{k}_acceptance"] = st["accepted"] / max(1, st["drafted"])
-            r[f"{k}_tokens_same_as_plain"] = common_prefix(ys, plain[name], P)
-            r[f"{tag}spec_speedup_{name}"] = r[f"{k}_tok_s"] / r[f"{tag}decode_b1_{name}_tok_s"]
-            print(f"  {k}: {r[f'{k}_tok_s']:,.0f} tok/s, x{r[f'{tag}spec_speedup_{name}']:.2f}", flush=True)
-        return plain
-
+    a = model.args
     with torch.no_grad():
         x = torch.randint(0, 50257, (1, a.block_size // 2), device=device)
         model.forward_cached(x, model.make_cache(1, dtype=wdt), 0)
-        t, _ = wall(lambda: model.forward_cached(x, model.make_cache(1, dtype=wdt), 0))
-        r["prefill_tok_s"] = x.shape[1] / t
-        plain = measure("", modes)
-
-        def uncached(n):
-            idx = prompt
-            for _ in range(n):
-                idx = torch.cat([idx, model(idx)[0][:, -1].argmax(-1, keepdim=True)], dim=1)
-            return idx
-        best = max(modes, key=lambda k: r[f"decode_b1_{k}_tok_s"])
-        r["best_b1_mode"] = best
-        if "eager" in modes:  # the uncached baseline is eager: compare it with eager and with the best
-            r["uncached_b1_eager_tok_s"], _, _, y_ref = rate(lambda B, n: uncached(n), 1)
-            r["cached_eager_tokens_same_as_uncached"] = common_prefix(plain["eager"], y_ref, P)
-            r["cached_best_over_uncached"] = r[f"decode_b1_{best}_tok_s"] / r["uncached_b1_eager_tok_s"]
-            r["cached_eager_over_uncached"] = r["decode_b1_eager_tok_s"] / r["uncached_b1_eager_tok_s"]
-        if device_type == "cuda":  # what one 1-token step costs, and how many kernels it launches
-            from torch.profiler import ProfilerActivity, profile
-            tables = []
-            for name, kw in {"eager": every["eager"], "compiled": dict(every["compiled_graph"], cuda_graph=False)}.items():
-                steps = DecodeSteps(model, model.make_cache(1, dtype=wdt), 1, device, [("main", 1)], **kw)
-                tok = prompt[:, :1]
-                for _ in range(3):
-                    steps.main(tok, 20)
-                sync()
-                with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
-                    for _ in range(10):
-                        steps.main(tok, 20)
-                    sync()
-                ev = [e for e in prof.events() if e.device_type.name == "CUDA"]
-                r[f"step_{name}_kernels"] = len(ev) / 10
-                r[f"step_{name}_gpu_ms"] = sum(e.device_time for e in ev) / 10 / 1000
-                for key in ("self_cpu_time_total", "self_device_time_total"):
-                    tables.append(f"== {name} 1-token step x10, by {key}\n" + prof.key_averages().table(
-                        sort_by=key, row_limit=20, max_name_column_width=70))
-            if profile_file:
-                with open(profile_file, "w") as f:
-                    f.write("\n\n".join(tables))
-        if device_type == "cuda" and fp32_check and set(modes) - {"eager"}:
-            # fp32 without TF32: plain and speculative greedy must agree token for token here
-            for p in model.parameters():
-                p.data = p.data.float()
-            tf32 = torch.backends.cuda.matmul.allow_tf32
-            torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
-            try:
-                measure("fp32_", {k: v for k, v in modes.items() if k != "eager"}, batches=(1,))
-            finally:
-                torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = tf32
+        sync()
+        t0 = time.perf_counter()
+        model.forward_cached(x, model.make_cache(1, dtype=wdt), 0)
+        sync()
+        r["prefill_tok_s"] = x.shape[1] / (time.perf_counter() - t0)
+    measure("", (1, 16))
+    if device_type == "cuda" and fp32_check and modes.keys() - {"eager"}:
+        model.float()  # fp32 without TF32: plain and speculative greedy must agree token for token here
+        modes.pop("eager", None)
+        torch._dynamo.reset()  # (a fresh compile cache for the fp32 steps)
+        tf32 = torch.backends.cuda.matmul.allow_tf32
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+        try:
+            measure("fp32_", (1,))
+        finally:
+            torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = tf32
     results["sample"] = r
     print("\n| generation (" + r["ckpt"] + f", {gen_tokens} new tokens, greedy) | value |\n|---|---|")
     for k, v in r.items():

@@ -243,31 +243,20 @@ class MLA(nn.Module):
         # score = q_nope . (W_uk c) + q_pe . k_pe = (W_uk^T q_nope) . c + q_pe . k_pe, so fold W_uk
         # into the query; likewise the values: out = W_uv (sum_s p_s c_s), fold W_uv into the output.
         kv_cache, pe_cache = cache
-        if isinstance(start_pos, torch.Tensor):
-            # positions on the device (a CUDA graph replays this step at any position): write by
-            # index and attend over the whole cache, masking the slots past each query's position
-            pos = start_pos + torch.arange(T, device=x.device)
-            kv_cache[:B].index_copy_(1, pos, kv.to(kv_cache.dtype))
-            pe_cache[:B].index_copy_(1, pos, k_pe.to(pe_cache.dtype))
-            end = kv_cache.shape[1]
-            mask = torch.arange(end, device=x.device) <= pos[:, None]
-        else:
-            end = start_pos + T
-            kv_cache[:B, start_pos:end] = kv.to(kv_cache.dtype)
-            pe_cache[:B, start_pos:end] = k_pe.to(pe_cache.dtype)
-            mask = None
-            if T > 1:  # new token i sits at position start_pos + i and sees keys 0..start_pos + i
-                mask = torch.ones(T, end, dtype=torch.bool, device=x.device).tril(diagonal=start_pos)
+        # one position representation: start_pos (an int or a 0-dim device tensor) + arange, written by
+        # index, attending over the whole cache under a mask; no host sync, so a CUDA graph can replay it
+        pos = start_pos + torch.arange(T, device=x.device)
+        kv_cache[:B].index_copy_(1, pos, kv.to(kv_cache.dtype))
+        pe_cache[:B].index_copy_(1, pos, k_pe.to(pe_cache.dtype))
+        mask = torch.arange(kv_cache.shape[1], device=x.device) <= pos[:, None]  # query i sees keys <= pos[i]
         w = self.wkv_b.weight.view(self.n_head, self.dn + self.dv, self.rank)
         w_uk, w_uv = w[:, :self.dn], w[:, self.dn:]
         q_lat = torch.einsum("bthd,hdc->bthc", q_nope, w_uk)                    # (B, T, H, rank)
-        c, k_pe = kv_cache[:B, :end].type_as(q_lat), pe_cache[:B, :end].type_as(q_lat)
+        c, k_pe = kv_cache[:B].type_as(q_lat), pe_cache[:B].type_as(q_lat)
         # Every head reads the same cached latent and rotary key, so this is plain matmuls, written
-        # out rather than SDPA: SDPA would need the latents expanded per head, and its cuDNN path
-        # builds a new plan for every new cache length (each eager decoding step).
+        # out rather than SDPA, which would need the latents expanded per head.
         scores = (torch.einsum("bthc,bsc->bths", q_lat, c) + torch.einsum("bthr,bsr->bths", q_pe, k_pe)) * self.scale
-        if mask is not None:
-            scores = scores.masked_fill(~mask[:, None], float("-inf"))
+        scores = scores.masked_fill(~mask[:, None], float("-inf"))
         p = scores.float().softmax(dim=-1).type_as(q_lat)                     # (B, T, H, S)
         y = torch.einsum("bthc,hdc->bthd", torch.einsum("bths,bsc->bthc", p, c), w_uv)
         return self.wo(y.reshape(B, T, -1))
@@ -591,19 +580,17 @@ class DeepSeekV3(nn.Module):
                 a.n_layer * a.n_head * (a.qk_head_dim + a.v_head_dim) * b)
 
     def rope_at(self, start_pos, T):
-        if isinstance(start_pos, torch.Tensor):  # a device-side position: gather, no host sync
-            pos = start_pos + torch.arange(T, device=start_pos.device)
-            return self.rope_cos[pos], self.rope_sin[pos]
-        if start_pos + T > self.args.block_size:
+        if not isinstance(start_pos, torch.Tensor) and start_pos + T > self.args.block_size:
             raise ValueError(f"position {start_pos + T} exceeds block_size {self.args.block_size}")
-        return self.rope_cos[start_pos:start_pos + T], self.rope_sin[start_pos:start_pos + T]
+        pos = start_pos + torch.arange(T, device=self.rope_cos.device)
+        return self.rope_cos[pos], self.rope_sin[pos]
 
     @torch.no_grad()
     def forward_cached(self, idx, cache, start_pos=0):
         """Run new tokens idx (B, T) at positions start_pos.. against the cache, which they extend.
         Returns logits (B, T, vocab) and the final-normed hidden states (B, T, d) for the MTP.
-        start_pos is an int, or a 0-dim long tensor on the device: then the step has fixed shapes and
-        no host sync, so a CUDA graph can capture it once and replay it at every position (the
+        start_pos is an int or a 0-dim long tensor on the device; either way the step has fixed shapes
+        and no host sync, so a CUDA graph can capture it once and replay it at every position (the
         caller keeps start_pos + T <= block_size)."""
         B, T = idx.shape
         cos, sin = self.rope_at(start_pos, T)
