@@ -15,8 +15,7 @@ from conftest import ROOT, rel, save_ckpt, tokens
 
 transformers = pytest.importorskip(
     "transformers", reason="export tests compare with transformers' DeepseekV3 (pip install transformers)")
-from safetensors import safe_open  # noqa: E402
-from safetensors.torch import save_file  # noqa: E402
+from safetensors.torch import load_file, save_file  # noqa: E402
 from transformers import AutoModelForCausalLM, AutoTokenizer, DeepseekV3ForCausalLM  # noqa: E402
 
 import export  # noqa: E402
@@ -27,8 +26,8 @@ pytestmark = pytest.mark.filterwarnings("ignore:Initializing zero-element tensor
 
 BASE = dict(block_size=64, vocab_size=50304, n_layer=2, n_head=2, n_embd=32, q_lora_rank=16, kv_lora_rank=16,
             qk_nope_head_dim=16, qk_rope_head_dim=8, v_head_dim=12, inter_dim=48, n_dense_layers=1,
-            moe_inter_dim=16, n_routed_experts=8, n_activated_experts=2, n_expert_groups=1, n_limited_groups=1,
-            n_shared_experts=1, mtp_depth=1)
+            moe_inter_dim=16, n_routed_experts=8, n_activated_experts=2, n_expert_groups=1,
+            n_limited_groups=1, n_shared_experts=1, mtp_depth=1)
 CONFIGS = {
     # plain query projection, one expert group, one shared expert, one dense layer, plain RoPE
     "q0-1group-1shared-1dense": dict(q_lora_rank=0),
@@ -66,7 +65,6 @@ class Built:
     def __init__(self, name, root):
         self.args = ModelArgs(**{**BASE, **CONFIGS[name]})
         self.model = randomized(self.args)
-        self.root = root
         self.ckpt = save_ckpt(self.model, str(root / "out" / "ckpt.pt"))
         self.hf = str(root / "hf")
         export.export_hf(self.ckpt, self.hf)
@@ -86,6 +84,12 @@ def built(tmp_path_factory):
     return get
 
 
+@pytest.fixture
+def b(built):
+    """The first config's export, for the tests that need just one."""
+    return built("q0-1group-1shared-1dense")
+
+
 def assert_same_state(a, b, skip=None):
     """Same keys (those starting with skip left out), same dtypes, bit-identical values."""
     a = {k: v for k, v in a.items() if not (skip and k.startswith(skip))}
@@ -95,21 +99,52 @@ def assert_same_state(a, b, skip=None):
         assert a[k].dtype == b[k].dtype and torch.equal(a[k], b[k]), k
 
 
-def safetensors_keys(folder):
-    with safe_open(os.path.join(folder, "model.safetensors"), framework="pt") as f:
-        return set(f.keys())
+def read_json(folder, name="config.json"):
+    with open(os.path.join(folder, name)) as f:
+        return json.load(f)
+
+
+def weights(folder):
+    return load_file(os.path.join(folder, "model.safetensors"))
+
+
+def hf_folder(path, cfg, tensors):
+    """A transformers folder at path: config.json holding cfg, model.safetensors holding tensors (a dict),
+    or raw bytes, or the file of the folder named tensors (linked)."""
+    os.makedirs(path)
+    (path / "config.json").write_text(json.dumps(cfg))
+    if isinstance(tensors, dict):
+        save_file(tensors, str(path / "model.safetensors"))
+    elif isinstance(tensors, bytes):
+        (path / "model.safetensors").write_bytes(tensors)
+    else:
+        os.link(os.path.join(tensors, "model.safetensors"), path / "model.safetensors")
+    return str(path)
+
+
+def imported(folder, out_dir, **kw):
+    """export.import_hf(folder) into out_dir -> (the model, the checkpoint), as load_checkpoint reads them."""
+    export.import_hf(str(folder), str(out_dir), **kw)
+    return load_checkpoint(str(out_dir / "ckpt.pt"))
 
 
 # ---- transformers computes what model.py computes --------------------------------------------
 
 @pytest.mark.needs_gpt2
 @pytest.mark.parametrize("name", CONFIGS)
-def test_logits_match_transformers(built, name):
+def test_logits_match_transformers(built, name, tmp_path):
+    """Also from DeepSeek's rope keys alone: transformers 4, DeepSeek's code, vLLM and SGLang read rope_theta
+    and rope_scaling, not rope_parameters; without those transformers 5 reads them too."""
     b = built(name)
+    cfg = read_json(b.hf)
+    del cfg["rope_parameters"]
+    hf = hf_folder(tmp_path / "hf", cfg, b.hf)
+    deepseek_keys = AutoModelForCausalLM.from_pretrained(hf, attn_implementation="eager").eval()
     idx = tokens(b.args, T=48)
     with torch.no_grad():
         ours, _ = b.model(idx, torch.zeros_like(idx))
         theirs = b.hf_model(idx).logits
+        assert rel(deepseek_keys(idx).logits, ours) < 1e-4
     assert ours.shape == theirs.shape == (2, 48, b.args.vocab_size)
     assert rel(ours, theirs) < 1e-4
     # the routing ran with the balancing biases, which do change the choice of experts
@@ -160,9 +195,7 @@ def test_greedy_generation_matches(built, name):
 @pytest.mark.parametrize("name", CONFIGS)
 def test_export_import_roundtrip_is_identical(built, name, tmp_path):
     b = built(name)
-    msg = export.import_hf(b.hf, str(tmp_path / "back"))
-    assert "MTP depth" in msg
-    model, ckpt = load_checkpoint(str(tmp_path / "back" / "ckpt.pt"))
+    model, ckpt = imported(b.hf, tmp_path)
     assert_same_state(ckpt["model"], b.model.state_dict())  # MTP included
     assert ckpt["iter_num"] == 0 and ckpt["config"] == {} and "optimizer" not in ckpt
     expected = ["n_dense_layers"] if b.args.n_routed_experts == 0 else []  # (all dense: either value says it)
@@ -173,14 +206,13 @@ def test_export_import_roundtrip_is_identical(built, name, tmp_path):
 @pytest.mark.parametrize("name", CONFIGS)
 def test_config_json(built, name):
     b = built(name)
-    a = b.args
-    with open(os.path.join(b.hf, "config.json")) as f:
-        cfg = json.load(f)
+    a, cfg = b.args, read_json(b.hf)
     assert cfg["architectures"] == ["DeepseekV3ForCausalLM"] and cfg["model_type"] == "deepseek_v3"
     assert cfg["q_lora_rank"] == (a.q_lora_rank or None)
     assert cfg["num_nextn_predict_layers"] == a.mtp_depth
     assert cfg["first_k_dense_replace"] == (a.n_dense_layers if a.n_routed_experts else a.n_layer)
-    assert cfg["tie_word_embeddings"] == a.tie_embeddings and cfg["eos_token_id"] == cfg["bos_token_id"] == 50256
+    assert cfg["tie_word_embeddings"] == a.tie_embeddings
+    assert cfg["eos_token_id"] == cfg["bos_token_id"] == 50256
     # transformers 5's rope_parameters, and rope_theta + rope_scaling in DeepSeek's keys for transformers 4,
     # DeepSeek's code, vLLM and SGLang: the same values
     rope, scaling = cfg["rope_parameters"], cfg["rope_scaling"]
@@ -194,8 +226,7 @@ def test_config_json(built, name):
                         **{k: v for k, v in scaling.items() if k != "type"}}
     else:
         assert scaling is None and rope == {"rope_type": "default", "rope_theta": a.rope_theta}
-    keys = safetensors_keys(b.hf)
-    n = a.n_layer
+    keys, n = set(weights(b.hf)), a.n_layer
     if a.n_routed_experts:
         moe = n - 1
         assert f"model.layers.{moe}.mlp.gate.e_score_correction_bias" in keys
@@ -204,32 +235,14 @@ def test_config_json(built, name):
         assert f"model.layers.{n}.{k}.weight" in keys
     assert f"model.layers.{n}.self_attn.kv_a_proj_with_mqa.weight" in keys
     assert ("lm_head.weight" in keys) == (not a.tie_embeddings)
-    with open(os.path.join(b.hf, "generation_config.json")) as f:
-        assert json.load(f)["eos_token_id"] == 50256
+    assert read_json(b.hf, "generation_config.json")["eos_token_id"] == 50256
 
 
 @pytest.mark.needs_gpt2
-@pytest.mark.parametrize("name", CONFIGS)
-def test_deepseek_rope_keys_alone_give_the_same_logits(built, name, tmp_path):
-    """transformers 4, DeepSeek's code, vLLM and SGLang read rope_theta and rope_scaling, not rope_parameters;
-    without rope_parameters transformers 5 reads them too, and must build the same model."""
-    b = built(name)
-    with open(os.path.join(b.hf, "config.json")) as f:
-        cfg = json.load(f)
-    del cfg["rope_parameters"]
-    (tmp_path / "config.json").write_text(json.dumps(cfg))
-    os.link(os.path.join(b.hf, "model.safetensors"), tmp_path / "model.safetensors")
-    hm = AutoModelForCausalLM.from_pretrained(str(tmp_path), attn_implementation="eager").eval()
-    idx = tokens(b.args, T=48)
-    with torch.no_grad():
-        assert rel(hm(idx).logits, b.model(idx, torch.zeros_like(idx))[0]) < 1e-4
-
-
-@pytest.mark.needs_gpt2
-def test_tokenizer_matches_tiktoken(built):
+def test_tokenizer_matches_tiktoken(b):
     import tiktoken
     enc = tiktoken.get_encoding("gpt2")
-    tok = AutoTokenizer.from_pretrained(built("q0-1group-1shared-1dense").hf)
+    tok = AutoTokenizer.from_pretrained(b.hf)
     texts = ["Once upon a time, there was a little girl named Lily. She loved to play outside!",
              "  leading spaces, it's they're we'll I'd\n\n\ttabs and\r\nnewlines   ",
              "Ünïcödé 日本語 Ελληνικά emoji 🙂👍🏽 numbers 12345 3.14159 $100 #hashtag @user",
@@ -243,15 +256,14 @@ def test_tokenizer_matches_tiktoken(built):
 
 
 @pytest.mark.needs_gpt2
-def test_transformers_mtp_module_drafts_like_ours(built, monkeypatch):
+def test_transformers_mtp_module_drafts_like_ours(b, monkeypatch):
     """transformers >= 5.17 rebuilds MTP layers from the checkpoint for generate(use_mtp=True), but only
     finds them under DeepseekV3's pattern for layer 61; pointed at our layer, it computes what we do."""
     mtp_mod = pytest.importorskip("transformers.modeling_layers")
     if not hasattr(mtp_mod, "MtpModel"):
         pytest.skip("this transformers has no MTP support")
-    b = built("q0-1group-1shared-1dense")
-    n = b.args.n_layer
-    monkeypatch.setattr(DeepseekV3ForCausalLM, "_keys_to_ignore_on_load_unexpected", [rf"model\.layers\.{n}\..*"])
+    monkeypatch.setattr(DeepseekV3ForCausalLM, "_keys_to_ignore_on_load_unexpected",
+                        [rf"model\.layers\.{b.args.n_layer}\..*"])
     hm = AutoModelForCausalLM.from_pretrained(b.hf, attn_implementation="eager").eval()
     mtp = mtp_mod.MtpModel.from_pretrained(hm).eval()
     x = tokens(b.args, B=1, T=20, seed=3)
@@ -262,8 +274,8 @@ def test_transformers_mtp_module_drafts_like_ours(built, monkeypatch):
         hk = mod(h[:, :-1], b.model.tok_emb(x[:, 1:]), b.model.rope_cos[:T - 1], b.model.rope_sin[:T - 1])[0]
         ours = b.model.head(mod.norm(hk))
         # its draft for the token after the last: from the hidden states up to T-2 and tokens 1..T-1
-        _, theirs, _ = mtp(input_ids=x[:, 1:], last_hidden_states=h[:, :-1], position_ids=torch.arange(T - 1)[None],
-                           attention_mask=torch.ones_like(x[:, 1:]), mtp_cache=None)
+        _, theirs, _ = mtp(input_ids=x[:, 1:], last_hidden_states=h[:, :-1], mtp_cache=None,
+                           position_ids=torch.arange(T - 1)[None], attention_mask=torch.ones_like(x[:, 1:]))
         assert rel(ours[:, -1], theirs[:, 0]) < 1e-4
         plain = hm.generate(x[:, :6], do_sample=False, max_new_tokens=8)
         drafted = hm.generate(x[:, :6], do_sample=False, max_new_tokens=8, use_mtp=True)
@@ -277,14 +289,12 @@ def test_mtp_false_leaves_mtp_out(built, tmp_path):
     b = built("2groups-0shared-2dense-yarn-mtp2")
     hf = str(tmp_path / "hf")
     export.export_hf(b.ckpt, hf, mtp=False)
-    assert not any(k.startswith(f"model.layers.{b.args.n_layer}") for k in safetensors_keys(hf))
-    with open(os.path.join(hf, "config.json")) as f:
-        assert json.load(f)["num_nextn_predict_layers"] == 0
+    assert not any(k.startswith(f"model.layers.{b.args.n_layer}") for k in weights(hf))
+    assert read_json(hf)["num_nextn_predict_layers"] == 0
     hm, info = AutoModelForCausalLM.from_pretrained(hf, output_loading_info=True)
     assert not info["unexpected_keys"] and not info["missing_keys"]
     # and --mtp=False on import drops them from a folder that has them
-    export.import_hf(b.hf, str(tmp_path / "back"), mtp=False)
-    model, ckpt = load_checkpoint(str(tmp_path / "back" / "ckpt.pt"))
+    model, ckpt = imported(b.hf, tmp_path / "back", mtp=False)
     assert model.args.mtp_depth == 0
     assert_same_state(ckpt["model"], b.model.state_dict(), skip=("mtp.",))
 
@@ -296,46 +306,33 @@ def test_import_what_transformers_saves(built, name, tmp_path):
     saying num_nextn_predict_layers) imports to the same main weights."""
     b = built(name)
     b.hf_model.save_pretrained(str(tmp_path / "saved"))
-    export.import_hf(str(tmp_path / "saved"), str(tmp_path / "back"))
-    model, ckpt = load_checkpoint(str(tmp_path / "back" / "ckpt.pt"))
+    model, ckpt = imported(tmp_path / "saved", tmp_path / "back")
     assert model.args.mtp_depth == 0
     assert_same_state(ckpt["model"], b.model.state_dict(), skip=("mtp.",))
 
 
 @pytest.mark.needs_gpt2
-def test_import_fused_expert_names(built, tmp_path):
-    b = built("q0-1group-1shared-1dense")
+def test_import_fused_expert_names(b, tmp_path):
     sd = b.hf_model.state_dict()  # transformers' own layout: experts.gate_up_proj / experts.down_proj
     assert any(k.endswith("mlp.experts.gate_up_proj") for k in sd)
-    folder = tmp_path / "fused"
-    folder.mkdir()
-    save_file({k: v.contiguous() for k, v in sd.items()}, str(folder / "model.safetensors"))
-    with open(os.path.join(b.hf, "config.json")) as f:
-        (folder / "config.json").write_text(f.read())
-    export.import_hf(str(folder), str(tmp_path / "back"))
-    _, ckpt = load_checkpoint(str(tmp_path / "back" / "ckpt.pt"))
+    fused = hf_folder(tmp_path / "fused", read_json(b.hf), {k: v.contiguous() for k, v in sd.items()})
+    _, ckpt = imported(fused, tmp_path / "back")
     assert_same_state(ckpt["model"], b.model.state_dict(), skip=("mtp.",))
 
 
 @pytest.mark.needs_gpt2
-def test_import_refuses_mtp_copies_that_differ(built, tmp_path):
-    b = built("q0-1group-1shared-1dense")
-    folder = tmp_path / "edited"
-    folder.mkdir()
-    with safe_open(os.path.join(b.hf, "model.safetensors"), framework="pt") as f:
-        sd = {k: f.get_tensor(k) for k in f.keys()}
+def test_import_refuses_mtp_copies_that_differ(b, tmp_path):
+    sd = weights(b.hf)
     sd[f"model.layers.{b.args.n_layer}.shared_head.head.weight"] += 1.0
-    save_file(sd, str(folder / "model.safetensors"))
-    (folder / "config.json").write_text(open(os.path.join(b.hf, "config.json")).read())
+    edited = hf_folder(tmp_path / "edited", read_json(b.hf), sd)
     with pytest.raises(export.ExportError, match="mtp=False"):
-        export.import_hf(str(folder), str(tmp_path / "back"))
+        export.import_hf(edited, str(tmp_path / "back"))
     assert not (tmp_path / "back").exists()
-    export.import_hf(str(folder), str(tmp_path / "back"), mtp=False)
+    export.import_hf(edited, str(tmp_path / "back"), mtp=False)
 
 
 @pytest.mark.needs_gpt2
-def test_force_replaces_an_export(built, tmp_path):
-    b = built("q0-1group-1shared-1dense")
+def test_force_replaces_an_export(b, tmp_path):
     hf = tmp_path / "hf"
     hf.mkdir()
     (hf / "stale.txt").write_text("old")
@@ -344,43 +341,30 @@ def test_force_replaces_an_export(built, tmp_path):
     assert sorted(os.listdir(tmp_path)) == ["hf"]  # no temporary folder left beside it
     (tmp_path / "back").mkdir()
     (tmp_path / "back" / "ckpt.pt").write_bytes(b"old")
-    export.import_hf(str(hf), str(tmp_path / "back"), force=True)
-    assert load_checkpoint(str(tmp_path / "back" / "ckpt.pt"))[0].args == b.args
+    assert imported(hf, tmp_path / "back", force=True)[0].args == b.args
     assert sorted(os.listdir(tmp_path / "back")) == ["ckpt.pt"]
 
 
 @pytest.mark.needs_gpt2
-def test_a_failed_write_leaves_nothing(built, tmp_path, monkeypatch):
-    b = built("q0-1group-1shared-1dense")
-    hf = tmp_path / "hf"
-    hf.mkdir()
-    (hf / "old.txt").write_text("previous export")
+def test_a_failed_write_leaves_nothing(b, tmp_path, monkeypatch):
+    """Disk full halfway: a previous export and an existing out_dir stay as they were, and the folders
+    made for the new files go again."""
+    (tmp_path / "hf").mkdir()
+    (tmp_path / "hf" / "old.txt").write_text("previous export")
 
-    def disk_full(*a, **k):
+    def disk_full(path):  # writes a little, then the disk is full
+        with open(os.path.join(path, "part") if os.path.isdir(path) else path, "wb") as f:
+            f.write(b"x")
         raise OSError(28, "No space left on device")
-    monkeypatch.setattr(export, "write_tokenizer", disk_full)
-    with pytest.raises(export.ExportError, match="can't write .*No space left"):
-        export.export_hf(b.ckpt, str(hf), force=True)
-    assert snapshot(str(hf)) == {"old.txt": b"previous export"} and sorted(os.listdir(tmp_path)) == ["hf"]
-    monkeypatch.setattr(torch, "save", disk_full)
-    with pytest.raises(export.ExportError, match="can't write .*ckpt.pt: No space left"):
-        export.import_hf(b.hf, str(tmp_path / "back"))
-    assert sorted(os.listdir(tmp_path)) == ["hf"]
-
-
-@pytest.mark.needs_gpt2
-def test_a_failed_write_removes_the_folders_it_made(built, tmp_path, monkeypatch):
-    b = built("q0-1group-1shared-1dense")
-
-    def disk_full(*a, **k):
-        raise OSError(28, "No space left on device")
-    monkeypatch.setattr(export, "write_tokenizer", disk_full)
-    with pytest.raises(export.ExportError, match="No space left"):
-        export.export_hf(b.ckpt, str(tmp_path / "new" / "er" / "hf"))
-    monkeypatch.setattr(torch, "save", disk_full)
-    with pytest.raises(export.ExportError, match="No space left"):
-        export.import_hf(b.hf, str(tmp_path / "new" / "back"))
-    assert os.listdir(tmp_path) == []
+    monkeypatch.setattr(export, "write_tokenizer", lambda folder, *a: disk_full(folder))
+    monkeypatch.setattr(torch, "save", lambda obj, path, *a, **k: disk_full(path))
+    for where in ("hf", "new/er/hf"):
+        with pytest.raises(export.ExportError, match=f"can't write .*{where}: No space left"):
+            export.export_hf(b.ckpt, str(tmp_path / where), force=True)
+    for where in ("hf", "new/back"):
+        with pytest.raises(export.ExportError, match=f"can't write .*{where}/ckpt.pt: No space left"):
+            export.import_hf(b.hf, str(tmp_path / where))
+    assert os.listdir(tmp_path) == ["hf"] and snapshot(tmp_path / "hf") == {"old.txt": b"previous export"}
 
 
 def modes(root):
@@ -393,35 +377,19 @@ def modes(root):
 
 
 @pytest.mark.needs_gpt2
-def test_cli_defaults_and_modes(built, tmp_path):
+def test_cli_defaults_and_modes(b, tmp_path):
     """`python export.py --hf_dir=X` reads train.py's default out_dir, and what export.py writes gets the
-    modes of the user's umask (022: files 0644, folders 0755), not tempfile's private ones."""
-    b = built("q0-1group-1shared-1dense")
+    modes of the user's umask (027: files 0640, folders 0750), not tempfile's private 0600 / 0700."""
     os.makedirs(tmp_path / "out-tinystories")
     os.link(b.ckpt, tmp_path / "out-tinystories" / "ckpt.pt")
-    cli = [sys.executable, os.path.join(ROOT, "export.py")]
-    old = os.umask(0o022)
-    try:
-        for argv in (["--hf_dir=hf"], ["--from_hf=hf", "--out_dir=new/back"]):
-            p = subprocess.run(cli + argv, cwd=tmp_path, capture_output=True, text=True, timeout=120)
-            assert p.returncode == 0 and "Traceback" not in p.stderr, p.stderr
-    finally:
-        os.umask(old)
-    assert modes(tmp_path / "hf") == {".": 0o755, **{n: 0o644 for n in os.listdir(tmp_path / "hf")}}
-    assert modes(tmp_path / "new") == {".": 0o755, "back": 0o755, "back/ckpt.pt": 0o644}
-
-
-@pytest.mark.needs_gpt2
-def test_modes_follow_the_umask(built, tmp_path):
-    b = built("q0-1group-1shared-1dense")
     old = os.umask(0o027)
     try:
-        export.export_hf(b.ckpt, str(tmp_path / "hf"))
-        export.import_hf(str(tmp_path / "hf"), str(tmp_path / "back"))
+        for argv in (["--hf_dir=hf"], ["--from_hf=hf", "--out_dir=new/back"]):
+            check_success(*run_cli(*argv, cwd=tmp_path))
     finally:
         os.umask(old)
-    assert set(modes(tmp_path / "hf").values()) == {0o750, 0o640} and modes(tmp_path / "hf")["."] == 0o750
-    assert modes(tmp_path / "back") == {".": 0o750, "ckpt.pt": 0o640}
+    assert modes(tmp_path / "hf") == {".": 0o750, **{n: 0o640 for n in os.listdir(tmp_path / "hf")}}
+    assert modes(tmp_path / "new") == {".": 0o750, "back": 0o750, "back/ckpt.pt": 0o640}
 
 
 def test_unwritable_folders_are_refused_at_once(tmp_path, capsys, monkeypatch):
@@ -435,9 +403,7 @@ def test_unwritable_folders_are_refused_at_once(tmp_path, capsys, monkeypatch):
                         ([f"--out_dir={ckpt}", f"--hf_dir={ro / 'a' / 'hf'}"], "target"),
                         ([f"--from_hf={ckpt}", f"--out_dir={ro}"], "out_dir"),
                         ([f"--from_hf={ckpt}", f"--out_dir={ro / 'o'}"], "out_dir")]:
-        with pytest.raises(SystemExit) as e:
-            export.main(argv)
-        check_refusal(e.value.code, capsys.readouterr().err, f"can't write {match} .*ro is not writable")
+        check_refusal(*run_main(capsys, *argv), f"can't write {match} .*ro is not writable")
     assert os.listdir(tmp_path / "ro") == []
 
 
@@ -459,31 +425,33 @@ def check_refusal(rc, err, match, code=1):
     assert re.search(match, lines[0]), lines[0]
 
 
-def run_cli(*argv):
-    p = subprocess.run([sys.executable, "export.py", *argv], cwd=ROOT, capture_output=True, text=True,
-                       timeout=120)
+def check_success(rc, err):
+    assert rc == 0 and "Traceback" not in err, err
+
+
+def run_cli(*argv, cwd=ROOT):
+    """`python export.py ARGV` -> (exit code, stderr)."""
+    p = subprocess.run([sys.executable, os.path.join(ROOT, "export.py"), *argv], cwd=cwd, capture_output=True,
+                       text=True, timeout=120)
     return p.returncode, p.stderr
 
 
-def llama_folder(tmp_path):
-    d = tmp_path / "llama"
-    d.mkdir()
-    (d / "config.json").write_text(json.dumps({"model_type": "llama", "architectures": ["LlamaForCausalLM"]}))
-    return d
+def run_main(capsys, *argv):
+    """export.main(argv) in this process -> (exit code, stderr)."""
+    with pytest.raises(SystemExit) as e:
+        export.main(list(argv))
+    return e.value.code, capsys.readouterr().err
 
 
 def cli_cases(tmp_path, ckpt_dir):
-    full = tmp_path / "full"
-    full.mkdir()
+    names = ("full", "afile", "empty", "has_ckpt", "llama")
+    full, afile, no_config, has_ckpt, llama = (tmp_path / n for n in names)
+    for d in (full, no_config, has_ckpt, llama):
+        d.mkdir()
     (full / "keep.txt").write_text("mine")
-    afile = tmp_path / "afile"
     afile.write_text("x")
-    no_config = tmp_path / "empty"
-    no_config.mkdir()
-    has_ckpt = tmp_path / "has_ckpt"
-    has_ckpt.mkdir()
     (has_ckpt / "ckpt.pt").write_bytes(b"precious")
-    llama = llama_folder(tmp_path)
+    (llama / "config.json").write_text('{"model_type": "llama", "architectures": ["LlamaForCausalLM"]}')
     t = str(tmp_path)
     return [  # (argv, what must not change, stderr pattern, exit code)
         ([f"--out_dir={t}/nothing", f"--hf_dir={t}/hf1"], f"{t}/hf1", "no checkpoint at", 1),
@@ -510,8 +478,7 @@ def test_cli_bad_input(tmp_path):
     (ckpt_dir / "ckpt.pt").write_bytes(b"a checkpoint")
     for argv, target, match, code in cli_cases(tmp_path, ckpt_dir):
         before = snapshot(target) if target else None
-        rc, err = run_cli(*argv)
-        check_refusal(rc, err, match, code)
+        check_refusal(*run_cli(*argv), match, code)
         if target:
             assert snapshot(target) == before, argv
     assert not [n for n in os.listdir(tmp_path) if n.endswith(".tmp")]
@@ -524,75 +491,53 @@ def test_cli_bad_input(tmp_path):
     (dict(vocab_size=96), "vocab_size=96.*GPT-2"),
 ])
 def test_refuses_what_transformers_cant_express(tmp_path, capsys, change, match):
-    args = ModelArgs(**{**BASE, **change})
     out = tmp_path / "out"
-    save_ckpt(DeepSeekV3(args), str(out / "ckpt.pt"))
-    with pytest.raises(SystemExit) as e:
-        export.main([f"--out_dir={out}", f"--hf_dir={tmp_path / 'hf'}"])
-    check_refusal(e.value.code, capsys.readouterr().err, match)
+    save_ckpt(DeepSeekV3(ModelArgs(**{**BASE, **change})), str(out / "ckpt.pt"))
+    check_refusal(*run_main(capsys, f"--out_dir={out}", f"--hf_dir={tmp_path / 'hf'}"), match)
     assert sorted(os.listdir(tmp_path)) == ["out"]
 
 
 @pytest.mark.needs_gpt2
-def test_bad_files_are_refused(built, tmp_path, capsys):
-    b = built("q0-1group-1shared-1dense")
-    cases = []
-    # a checkpoint that isn't one
-    junk = tmp_path / "junk"
-    junk.mkdir()
-    (junk / "ckpt.pt").write_bytes(b"not a checkpoint")
-    cases.append(([f"--out_dir={junk}", f"--hf_dir={tmp_path / 'hf'}"], "unreadable"))
-    # an export target that can't be made (its parent is a file)
+def test_bad_files_are_refused(b, tmp_path, capsys):
+    (tmp_path / "junk").mkdir()
+    (tmp_path / "junk" / "ckpt.pt").write_bytes(b"not a checkpoint")
     (tmp_path / "afile").write_text("x")
-    cases.append(([f"--out_dir={os.path.dirname(b.ckpt)}", f"--hf_dir={tmp_path / 'afile' / 'hf'}"],
-                  "can't write"))
-    # a DeepseekV3 folder with a truncated weights file
-    trunc = tmp_path / "trunc"
-    trunc.mkdir()
-    (trunc / "config.json").write_text(open(os.path.join(b.hf, "config.json")).read())
-    (trunc / "model.safetensors").write_bytes(open(os.path.join(b.hf, "model.safetensors"), "rb").read()[:5000])
-    cases.append(([f"--from_hf={trunc}", f"--out_dir={tmp_path / 'o1'}"], "can't read"))
-    # a DeepseekV3 folder whose weights don't fit its config
-    wrong = tmp_path / "wrong"
-    wrong.mkdir()
-    cfg = json.loads(open(os.path.join(b.hf, "config.json")).read())
-    (wrong / "config.json").write_text(json.dumps({**cfg, "hidden_size": 64}))
-    (wrong / "model.safetensors").write_bytes(open(os.path.join(b.hf, "model.safetensors"), "rb").read())
-    cases.append(([f"--from_hf={wrong}", f"--out_dir={tmp_path / 'o2'}"], "has shape"))
-    # settings model.py can't compute
-    for i, (key, value, match) in enumerate([("rms_norm_eps", 1e-5, "rms_norm_eps"),
-                                             ("scoring_func", "softmax", "scoring_func"),
-                                             ("rope_parameters", {"rope_type": "linear", "factor": 2.0,
-                                                                  "rope_theta": 1e4}, "rope_type='linear'")]):
-        d = tmp_path / f"cfg{i}"
-        d.mkdir()
-        (d / "config.json").write_text(json.dumps({**cfg, key: value}))
-        os.link(os.path.join(b.hf, "model.safetensors"), d / "model.safetensors")
-        cases.append(([f"--from_hf={d}", f"--out_dir={tmp_path / f'o{i + 3}'}"], match))
+    cfg, data = read_json(b.hf), open(os.path.join(b.hf, "model.safetensors"), "rb").read()
+    cases = [  # (argv, stderr pattern)
+        ([f"--out_dir={tmp_path / 'junk'}", f"--hf_dir={tmp_path / 'hf'}"], "unreadable"),  # not a checkpoint
+        # an export target that can't be made (its parent is a file)
+        ([f"--out_dir={os.path.dirname(b.ckpt)}", f"--hf_dir={tmp_path / 'afile' / 'hf'}"], "can't write")]
+    # DeepseekV3 folders: a truncated weights file, weights that don't fit the config, settings model.py
+    # can't compute
+    for name, change, weights_file, match in [
+            ("trunc", {}, data[:5000], "can't read"), ("wrong", {"hidden_size": 64}, b.hf, "has shape"),
+            ("eps", {"rms_norm_eps": 1e-5}, b.hf, "rms_norm_eps"),
+            ("softmax", {"scoring_func": "softmax"}, b.hf, "scoring_func"),
+            ("linear", {"rope_parameters": {"rope_type": "linear", "factor": 2.0, "rope_theta": 1e4}}, b.hf,
+             "rope_type='linear'")]:
+        folder = hf_folder(tmp_path / name, {**cfg, **change}, weights_file)
+        cases.append(([f"--from_hf={folder}", f"--out_dir={tmp_path / 'o'}"], match))
     before = sorted(os.listdir(tmp_path))
     for argv, match in cases:
-        with pytest.raises(SystemExit) as e:
-            export.main(argv)
-        check_refusal(e.value.code, capsys.readouterr().err, match)
+        check_refusal(*run_main(capsys, *argv), match)
     assert sorted(os.listdir(tmp_path)) == before
 
 
 @pytest.mark.needs_gpt2
-def test_cli_export_and_import(built, tmp_path):
+def test_cli_export_and_import(b, tmp_path):
     """The happy path through the command line, both ways at once."""
-    b = built("q0-1group-1shared-1dense")
-    procs = [subprocess.Popen([sys.executable, "export.py", f"--out_dir={os.path.dirname(b.ckpt)}",
-                               f"--hf_dir={tmp_path / 'hf'}", "--mtp=False"], cwd=ROOT, text=True,
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE),
-             subprocess.Popen([sys.executable, "export.py", f"--from_hf={b.hf}", f"--out_dir={tmp_path / 'out'}"],
-                              cwd=ROOT, text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE)]
+    ckpt_dir = os.path.dirname(b.ckpt)
+    procs = [subprocess.Popen([sys.executable, "export.py", *argv], cwd=ROOT, text=True,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+             for argv in ([f"--out_dir={ckpt_dir}", f"--hf_dir={tmp_path / 'hf'}", "--mtp=False"],
+                          [f"--from_hf={b.hf}", f"--out_dir={tmp_path / 'out'}"])]
     outs = []
     for p in procs:
         out, err = p.communicate(timeout=120)
-        assert p.returncode == 0 and "Traceback" not in err, err
+        check_success(p.returncode, err)
         outs.append(out)
     assert "no MTP" in outs[0] and "MTP depth 1" in outs[1]
-    assert safetensors_keys(str(tmp_path / "hf")) == {k for k in safetensors_keys(b.hf)
-                                                      if not k.startswith(f"model.layers.{b.args.n_layer}.")}
+    mtp = f"model.layers.{b.args.n_layer}."
+    assert set(weights(tmp_path / "hf")) == {k for k in weights(b.hf) if not k.startswith(mtp)}
     _, ckpt = load_checkpoint(str(tmp_path / "out" / "ckpt.pt"))
     assert_same_state(ckpt["model"], b.model.state_dict())
