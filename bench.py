@@ -8,6 +8,7 @@ With sample=True it also measures generation (prefill, cached decode, speculativ
 """
 
 import json
+import os
 import statistics
 import time
 from contextlib import nullcontext
@@ -48,6 +49,14 @@ learning_rate = min_lr = weight_decay = 0.0
 from configurator import configure  # noqa: E402
 
 configure(globals())
+for path in filter(None, (out_json, profile_file)):  # checked before the benchmark runs, not after it
+    try:
+        existed = os.path.exists(path)
+        open(path, "a").close()  # changes nothing in a file that is there
+        if not existed:
+            os.remove(path)
+    except OSError as e:
+        raise SystemExit(f"error: cannot write {path} ({e.strerror})")
 if device == "auto":
     device = "cuda" if torch.cuda.is_available() else "cpu"
 device_type = "cuda" if device.startswith("cuda") else "cpu"
@@ -146,7 +155,16 @@ def bench_step(name, args, liger=False):
     results[name] = r
     print(f"{name}: {ms:.1f} ms/step, {tok_s:,.0f} tok/s, MFU {r['mfu'] * 100:.1f}%"
           + (f", peak mem {r['peak_mem_gb']:.1f} GB" if r["peak_mem_gb"] else ""), flush=True)
-    return model, opt, step, x
+    if breakdown and device_type == "cuda" and not liger:
+        try:
+            parts = results[f"{name}_breakdown"] = part_timings(model, step)
+            parts["unattributed: launch gaps, copies, fills"] = max(0.0, ms - sum(parts.values()))
+            print(f"  the {ms:.1f} ms step by part (kernel times from a profile):")
+            for k, v in parts.items():
+                print(f"    {k:<66s} {v:7.2f} ms  {100 * v / ms:5.1f}%")
+        except Exception as e:
+            print(f"  breakdown failed: {type(e).__name__}: {str(e)[:300]}")
+    return model, opt, step
 
 
 def part_timings(model, step):
@@ -334,7 +352,7 @@ if __name__ == "__main__":
             with open(out_json, "w") as f:
                 json.dump(results, f, indent=1)
         raise SystemExit(0)
-    model, opt, step, x = bench_step("moe", base)
+    model, opt, step = bench_step("moe", base)
     if profile_file and device_type == "cuda":
         from torch.profiler import ProfilerActivity, profile
         with profile(activities=[ProfilerActivity.CUDA]) as prof:
@@ -343,17 +361,6 @@ if __name__ == "__main__":
             sync()
         with open(profile_file, "w") as f:
             f.write(prof.key_averages().table(sort_by="cuda_time_total", row_limit=60, max_name_column_width=90))
-    if breakdown and device_type == "cuda":
-        try:
-            parts = part_timings(model, step)
-            parts["unattributed: launch gaps, copies, fills"] = max(0.0, results["moe"]["ms"] - sum(parts.values()))
-            results["moe_breakdown"] = parts
-            total = results["moe"]["ms"]
-            print(f"  the {total:.1f} ms step by part (kernel times from a profile):")
-            for k, v in parts.items():
-                print(f"    {k:<66s} {v:7.2f} ms  {100 * v / total:5.1f}%")
-        except Exception as e:
-            print(f"  breakdown failed: {type(e).__name__}: {str(e)[:300]}")
     del model, opt, step
     if use_liger:
         try:
@@ -365,17 +372,7 @@ if __name__ == "__main__":
     if twin and base.n_routed_experts > 0:
         width = (base.n_shared_experts + base.n_activated_experts) * base.moe_inter_dim
         twin_args = replace(base, n_routed_experts=0, n_shared_experts=0, inter_dim=width, n_dense_layers=base.n_layer)
-        model, opt, step, x = bench_step("dense_twin", twin_args)
-        if breakdown and device_type == "cuda":
-            try:
-                results["twin_breakdown"] = part_timings(model, step)
-                results["twin_breakdown"]["unattributed: launch gaps, copies, fills"] = max(
-                    0.0, results["dense_twin"]["ms"] - sum(results["twin_breakdown"].values()))
-                for k, v in results["twin_breakdown"].items():
-                    print(f"    {k:<66s} {v:7.2f} ms")
-            except Exception as e:
-                print(f"  breakdown failed: {type(e).__name__}: {str(e)[:300]}")
-        del model, opt, step
+        bench_step("dense_twin", twin_args)
         print(f"moe / dense twin throughput: {results['moe']['tok_s'] / results['dense_twin']['tok_s']:.3f}")
     if out_json:
         with open(out_json, "w") as f:

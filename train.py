@@ -30,7 +30,7 @@ out_dir = "out-tinystories"
 eval_interval = 500
 log_interval = 10
 eval_iters = 50
-eval_only = False
+eval_only = False               # evaluate init_from's weights, print the losses and exit; writes nothing
 always_save_checkpoint = False  # save every eval, not only when val loss improves
 keep_last = True                # keep the previous checkpoint as ckpt.prev.pt
 init_from = "scratch"           # 'scratch' or 'resume' (from out_dir/ckpt.pt)
@@ -39,9 +39,8 @@ wandb_project = "deepseek-v3-tinystories"
 wandb_run_name = "run"
 # data
 data_dir = "data/tinystories"   # train.bin / val.bin / meta.json from prepare.py
-# one optimizer step = gradient_accumulation_steps micro-batches of batch_size sequences, whatever the
-# number of GPUs: the ranks share out the micro-steps, and where those do not go round (1 micro-step
-# on 2 GPUs), each micro-batch too
+# one optimizer step = gradient_accumulation_steps micro-batches of batch_size sequences on any number of
+# GPUs: the ranks share out the micro-steps and, where those do not go round, the micro-batches too
 gradient_accumulation_steps = 1  # micro-steps per optimizer step, over all ranks together
 batch_size = 64                 # sequences per micro-step (per rank, unless ranks share micro-batches)
 seed = 1337
@@ -49,7 +48,7 @@ seed = 1337
 globals().update({f.name: f.default for f in fields(ModelArgs)})
 # optimizer: AdamW with cosine decay after a linear warm-up
 learning_rate = 1e-3
-max_iters = 20000
+max_iters = 20000               # optimizer steps in all (a resumed run goes on up to this many)
 weight_decay = 0.1
 beta1 = 0.9
 beta2 = 0.95
@@ -65,12 +64,9 @@ dtype = "auto"                  # 'auto' (bfloat16 on CUDA if supported, else fl
 compile = None                  # torch.compile the model; None = on CUDA only, True/False to force
 use_checkpointing = False       # activation checkpointing per block: less memory, ~1/3 more compute
 use_liger = False               # Liger's fused linear cross-entropy (CUDA + liger-kernel installed)
-fsdp = False                    # under torchrun: shard params, grads and optimizer state (FSDP2) per
-                                # block instead of replicating them (DDP); bf16 params, fp32 reduce
-ddp_bucket_mb = 100             # DDP all-reduces gradients in buckets of this size as backward makes
-                                # them; under compile each bucket boundary also splits the graph
-reduce_dtype = "float32"        # gradients cross GPUs in this dtype (DDP and FSDP); 'bfloat16' halves
-                                # the bytes, at bf16's precision for the averaged gradient
+fsdp = False                    # under torchrun: shard params, grads and optimizer state per block (FSDP2)
+ddp_bucket_mb = 100             # DDP's all-reduce buckets; under compile each one also splits the graph
+reduce_dtype = "float32"        # gradients cross GPUs in this dtype (DDP, FSDP); 'bfloat16' halves the bytes
 # -----------------------------------------------------------------------------
 from configurator import configure  # noqa: E402
 
@@ -118,10 +114,8 @@ if dtype == "auto":
     dtype = "bfloat16" if device_type == "cuda" and torch.cuda.is_bf16_supported() else "float32"
 if dtype not in ("float32", "bfloat16"):
     die(f"dtype='{dtype}' must be 'auto', 'float32' or 'bfloat16' (fp16 would need a grad scaler)")
-if dtype == "bfloat16" and device_type == "cuda" and not torch.cuda.is_bf16_supported():
-    die("dtype='bfloat16' but this GPU does not support it (use --dtype=float32)")
-if dtype == "bfloat16" and device_type != "cuda":
-    die(f"dtype='bfloat16' is supported on CUDA only; on {device_type} train in float32 (--dtype=float32)")
+if dtype == "bfloat16" and not (device_type == "cuda" and torch.cuda.is_bf16_supported()):
+    die(f"dtype='bfloat16' needs a GPU that supports it; on {device} train in float32 (--dtype=float32)")
 if compile is None:
     compile = device_type == "cuda"
 if reduce_dtype not in ("float32", "bfloat16"):
@@ -130,12 +124,8 @@ if reduce_dtype == "bfloat16" and ddp and not fsdp and device_type != "cuda":
     die("reduce_dtype='bfloat16' with DDP needs CUDA (NCCL's bf16 all-reduce); gloo reduces in float32")
 if not isinstance(compile, bool):
     die(f"compile={compile!r} must be True, False or None (= on CUDA only)")
-if ddp:
-    dist.init_process_group(backend="nccl" if device_type == "cuda" else "gloo")
 torch.manual_seed(seed)  # the same initial weights on every rank (FSDP shards them as they are)
-torch.backends.cuda.matmul.allow_tf32 = True
-torch.backends.cudnn.allow_tf32 = True
-# bf16 autocast on CUDA; on the CPU we train in plain fp32
+torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
 ctx = torch.autocast(device_type="cuda", dtype=torch.bfloat16) if dtype == "bfloat16" else nullcontext()
 
 # ---- data ------------------------------------------------------------------------------------
@@ -146,11 +136,9 @@ for split in ("train", "val"):
     if os.path.getsize(path) % 2:
         die(f"{path} is not a whole number of uint16 tokens (truncated?): re-run prepare.py")
     n_tok = os.path.getsize(path) // 2
-    if n_tok < block_size + 1:
-        die(f"{path} holds {n_tok} tokens, fewer than block_size + 1 = {block_size + 1}")
-    if n_tok < batch_size * block_size:
-        die(f"{path} holds {n_tok} tokens, fewer than one batch (batch_size x block_size = "
-            f"{batch_size * block_size}): lower batch_size or block_size, or prepare more data")
+    if n_tok <= batch_size * block_size:
+        die(f"{path} holds {n_tok} tokens, fewer than one batch (batch_size x block_size + 1 = "
+            f"{batch_size * block_size + 1}): lower batch_size or block_size, or prepare more data")
 meta_path = os.path.join(data_dir, "meta.json")
 if os.path.isfile(meta_path):
     try:
@@ -161,6 +149,7 @@ if os.path.isfile(meta_path):
     if meta_vocab > vocab_size:
         die(f"the data's vocabulary ({meta_vocab} tokens, {meta_path}) does not fit vocab_size={vocab_size}")
 tokens_per_iter = gradient_accumulation_steps * world_size * rows * block_size
+loss_terms = "ce" + (f" + {mtp_lambda:g} mtp" if mtp_depth else "") + (" + aux" if seq_aux_alpha else "")
 
 
 def get_batch(split, it, micro):
@@ -186,10 +175,40 @@ try:
 except ValueError as e:
     die(str(e))
 iter_num, best_val_loss, ckpt = 0, 1e9, None
-ckpt_path = os.path.join(out_dir, "ckpt.pt")
+ckpt_path, log_path = os.path.join(out_dir, "ckpt.pt"), os.path.join(out_dir, "log.jsonl")
+if init_from not in ("scratch", "resume"):
+    die(f"init_from='{init_from}' must be 'scratch' or 'resume'")
+if master and not eval_only:  # out_dir, before any work (eval_only writes nothing)
+    old = [f for f in ("ckpt.pt", "ckpt.prev.pt", "log.jsonl") if os.path.exists(os.path.join(out_dir, f))]
+    if init_from == "scratch" and old:  # never replace a run's checkpoints, nor mix two runs in one log
+        hint = "continue it with --init_from=resume, or " if "ckpt.pt" in old else ""
+        die(f"{out_dir} holds an earlier run ({', '.join(old)}): {hint}use another --out_dir, or remove it")
+    parent = out_dir  # out_dir is made at the first write: a run that writes nothing leaves no folder
+    while not os.path.exists(parent):
+        parent = os.path.dirname(parent) or "."
+    if not (os.path.isdir(parent) and os.access(parent, os.W_OK | os.X_OK)):
+        die(f"cannot write to out_dir={out_dir}: {parent} is not a writable folder (use another --out_dir)")
+
+# Ctrl-C or a cluster's SIGTERM: stop after the current step (saving it) or abandon the eval; a
+# second one quits at once (the default action), losing nothing saved: checkpoints are atomic
+stop_signal = None
+
+
+def on_signal(signum, frame):
+    global stop_signal
+    stop_signal = signum
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    if master:
+        print(f"{signal.Signals(signum).name}: stopping at the end of this step or eval batch, saving any new"
+              " steps (Ctrl-C again quits at once)", file=sys.stderr, flush=True)
+
+
+signal.signal(signal.SIGINT, on_signal)
+signal.signal(signal.SIGTERM, on_signal)
 if init_from == "scratch":
     model = DeepSeekV3(margs)
-elif init_from == "resume":
+else:
     try:
         model, ckpt = load_checkpoint(ckpt_path)
     except CheckpointError as e:
@@ -204,12 +223,24 @@ elif init_from == "resume":
         die(f"{ckpt_path} is a different architecture than the config asks for: "
             + ", ".join(f"{k}={theirs.get(k)!r} (config: {ours[k]!r})" for k in diff[:4]))
     iter_num, best_val_loss = int(ckpt.get("iter_num", 0)), float(ckpt.get("best_val_loss", 1e9))
+    if iter_num >= max_iters and not eval_only:  # a finished run: nothing to train, nothing to write
+        print(f"{ckpt_path} has done all max_iters={max_iters} steps: nothing to do (raise max_iters)")
+        sys.exit(0)
     if asdict(model.args) != ours:  # same architecture, new training knobs: rebuild with this run's
         sd, model = model.state_dict(), DeepSeekV3(margs)
         model.load_state_dict(sd)
-else:
-    die(f"init_from='{init_from}' must be 'scratch' or 'resume'")
-n_params, flops_per_token = model.get_num_params(), model.estimate_flops_per_token()  # before sharding
+if wandb_log and master and not eval_only:
+    try:
+        import wandb
+        wandb.init(project=wandb_project, name=wandb_run_name, config=config)
+    except ImportError:
+        die("wandb_log=True but wandb is not installed: pip install wandb (or --wandb_log=False)")
+    except wandb.errors.Error as e:  # e.g. no API key
+        die(f"wandb_log=True: {str(e).strip().splitlines()[0]} (or log offline: WANDB_MODE=offline)")
+if ddp:
+    dist.init_process_group(backend="nccl" if device_type == "cuda" else "gloo")
+saved_iter = iter_num  # the checkpoint holds this state (or, from scratch, there is nothing to save)
+n, flops_per_token = model.get_num_params(), model.estimate_flops_per_token()  # before sharding
 torch.manual_seed(seed + rank + 1000 * iter_num)  # from here on (dropout, noise) each rank differs
 model.to(device)
 model.use_checkpointing = use_checkpointing
@@ -254,31 +285,34 @@ if compile and not fsdp:
         print("compiling the model... (takes a minute)")
     model = torch.compile(model, dynamic=False)  # fixed shapes: no recompiles into dynamic ones
 if ddp and not fsdp:
-    # broadcast_buffers=False: the expert biases are kept identical by the all-reduced update
-    # itself, and the token counters are per-rank until that all-reduce
-    # gradient_as_bucket_view: the .grad tensors ARE the all-reduce buckets (no copy in and out)
+    # broadcast_buffers=False: the all-reduced bias update itself keeps the expert biases identical, and
+    # the token counters are per-rank until then; gradient_as_bucket_view: the grads ARE the buckets
     model = DDP(model, device_ids=[local_rank] if device_type == "cuda" else None, broadcast_buffers=False,
                 bucket_cap_mb=ddp_bucket_mb, gradient_as_bucket_view=True)
     if reduce_dtype == "bfloat16":  # cast each bucket to bf16 for the all-reduce, back to fp32 after
         from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import bf16_compress_hook
         model.register_comm_hook(dist.group.WORLD, bf16_compress_hook)
 if master:
-    n = n_params
     print(f"parameters: {n['total'] / 1e6:.2f}M total, {n['active'] / 1e6:.2f}M active per token, "
           f"{n['embedding'] / 1e6:.2f}M embedding, {n['mtp'] / 1e6:.2f}M in MTP")
     print(f"tokens per iteration: {tokens_per_iter:,} ({world_size} rank(s) x {gradient_accumulation_steps} "
           f"micro-steps x {rows} x {block_size})")
-    os.makedirs(out_dir, exist_ok=True)
 
 
 @torch.no_grad()
 def estimate_loss():
-    """Mean main-model cross-entropy over eval_iters fixed batches per split (MTP not included)."""
-    out = {}
+    """Mean main-model cross-entropy over eval_iters fixed batches per split (MTP not included), or
+    None when a signal reached any rank: all ranks abandon the eval at the same batch."""
+    out, t_note = {}, time.time()
     model.eval()
     for split in ("train", "val"):
         losses = torch.zeros(eval_iters, device=device)
         for k in range(eval_iters):
+            if stop_requested().item():
+                return None
+            if master and time.time() - t_note > 10:  # a long eval (a CPU) shows that it is alive
+                print(f"  eval at iter {iter_num}: {split} batch {k}/{eval_iters}", flush=True)
+                t_note = time.time()
             X, Y = get_batch(split, -1, k * rank_groups + rank_group)  # the same eval batches every time
             with ctx:
                 losses[k] = model(X, Y)[1]
@@ -294,9 +328,7 @@ def get_lr(it):
         return learning_rate
     if it < warmup_iters:
         return learning_rate * (it + 1) / (warmup_iters + 1)
-    if it > lr_decay_iters:
-        return min_lr
-    ratio = (it - warmup_iters) / max(1, lr_decay_iters - warmup_iters)
+    ratio = min(1.0, (it - warmup_iters) / max(1, lr_decay_iters - warmup_iters))  # min_lr after the decay
     return min_lr + 0.5 * (1.0 + math.cos(math.pi * ratio)) * (learning_rate - min_lr)
 
 
@@ -305,6 +337,8 @@ def save_checkpoint():
     unsharded, keyed by parameter name, so any world size (and sample.py, export.py) can load them.
     Written to a temporary file, flushed to disk, then renamed over the old one: a kill at any
     moment leaves either the old or the new checkpoint, never half of one."""
+    global saved_iter
+    saved_iter = iter_num
     opts = StateDictOptions(full_state_dict=True, cpu_offload=True)
     msd, osd = get_model_state_dict(raw_model, options=opts), get_optimizer_state_dict(raw_model, optimizer, options=opts)
     if not master:
@@ -313,67 +347,54 @@ def save_checkpoint():
           "iter_num": iter_num, "best_val_loss": best_val_loss, "config": config,
           "rng": {"torch": torch.get_rng_state(),
                   "cuda": torch.cuda.get_rng_state(device) if device_type == "cuda" else None}}
-    tmp = ckpt_path + ".tmp"
-    with open(tmp, "wb") as f:
+    os.makedirs(out_dir, exist_ok=True)
+    with open(ckpt_path + ".tmp", "wb") as f:
         torch.save(ck, f)
         f.flush()
         os.fsync(f.fileno())
     if keep_last and os.path.exists(ckpt_path):
         os.replace(ckpt_path, os.path.join(out_dir, "ckpt.prev.pt"))
-    os.replace(tmp, ckpt_path)
+    os.replace(ckpt_path + ".tmp", ckpt_path)
     print(f"saved checkpoint to {ckpt_path} (iter {iter_num})")
 
 
 def log(record):
-    with open(os.path.join(out_dir, "log.jsonl"), "a") as f:
+    os.makedirs(out_dir, exist_ok=True)
+    with open(log_path, "a") as f:
         f.write(json.dumps(record) + "\n")
     if wandb_log:
         wandb.log(record)
 
 
-# Ctrl-C or a cluster's SIGTERM: finish the current step, save, exit cleanly
-stop_signal = None
+def stop_requested(flag=torch.zeros((), device=device)):
+    """Whether a signal has reached any rank, as a 0-d tensor (every rank calls this at the same points)."""
+    flag.fill_(float(stop_signal is not None))  # fill_, never torch.tensor(..., device): no sync
+    if ddp:
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+    return flag
 
-
-def on_signal(signum, frame):
-    global stop_signal
-    stop_signal = signum
-
-
-signal.signal(signal.SIGINT, on_signal)
-signal.signal(signal.SIGTERM, on_signal)
-
-if wandb_log and master:
-    import wandb
-    wandb.init(project=wandb_project, name=wandb_run_name, config=config)
 
 # ---- the loop --------------------------------------------------------------------------------
 X, Y = get_batch("train", iter_num, rank_group * gradient_accumulation_steps)
-stop_flag = torch.zeros((), device=device)  # set by fill_, never by torch.tensor(..., device): no sync
-# the logged speed is the mean over all iterations since the previous log line (one iteration's time
-# alone varies by +-10%), with evaluation and checkpointing time left out
-t_window, n_window, t_paused = time.time(), 0, 0.0
-local_iter, bad_steps, running_mfu, maxvio, stop, last = 0, 0, -1.0, None, False, None
+# the logged speed is the mean over the iterations since the previous log line, eval and saving left out
+t_window, n_window, t_paused, bad_steps, last = time.time(), 0, 0.0, 0, None
 
 
 def check_step(step):
-    """Reads a finished step's (finite, stop) flags; counts non-finite steps and stops the run after
-    max_bad_steps in a row. Returns whether a stop signal has reached any rank."""
+    """A finished step's (finite, stop) flags: stops the run after max_bad_steps non-finite steps in a row;
+    returns whether a stop signal has reached any rank."""
     global bad_steps
     it, flags, done, norm = step
     if done is not None:
         done.synchronize()
     finite, stop_now = flags.tolist()
-    if finite:
-        bad_steps = 0
-    else:
-        bad_steps += 1
-        if master:
-            print(f"iter {it}: non-finite loss or gradient norm ({norm.item()}), step skipped "
-                  f"({bad_steps}/{max_bad_steps})")
-        if bad_steps >= max_bad_steps:
-            die(f"{bad_steps} non-finite steps in a row at iter {it}; stopping. The last good "
-                f"checkpoint ({ckpt_path}) is untouched: lower learning_rate or check the data")
+    bad_steps = 0 if finite else bad_steps + 1
+    if not finite and master:
+        print(f"iter {it}: non-finite loss or gradient norm ({norm.item()}), step skipped "
+              f"({bad_steps}/{max_bad_steps})")
+    if bad_steps >= max_bad_steps:
+        die(f"{bad_steps} non-finite steps in a row at iter {it}; stopping. The last good "
+            f"checkpoint ({ckpt_path}) is untouched: lower learning_rate or check the data")
     return bool(stop_now)
 
 
@@ -382,17 +403,20 @@ while True:
     for group in optimizer.param_groups:
         group["lr"] = lr
 
-    if iter_num % eval_interval == 0:
+    if eval_only or iter_num % eval_interval == 0 or iter_num >= max_iters:  # the final state too
         t_eval = time.time()
         losses = estimate_loss()  # every rank takes part (the losses are all-reduced)
+        if losses is None:  # a signal: nothing new to save unless a step ran since the last save
+            break
         if master:
-            print(f"step {iter_num}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}")
-            log({"iter": iter_num, "train/loss": losses["train"], "val/loss": losses["val"], "lr": lr})
-        if (losses["val"] < best_val_loss or always_save_checkpoint) and iter_num > 0:  # same on all ranks
+            print(f"iter {iter_num}: eval ce train {losses['train']:.4f}, val {losses['val']:.4f}")
+            if not eval_only:
+                log({"iter": iter_num, "ce/train": losses["train"], "ce/val": losses["val"], "lr": lr})
+        if (losses["val"] < best_val_loss or always_save_checkpoint) and iter_num != saved_iter:
             best_val_loss = min(best_val_loss, losses["val"])
             save_checkpoint()
         t_paused += time.time() - t_eval
-    if (iter_num == 0 and eval_only) or iter_num > max_iters:
+    if eval_only or iter_num >= max_iters:
         break
 
     loss_sum = torch.zeros((), device=device)
@@ -414,69 +438,44 @@ while True:
     norm = torch.nn.utils.clip_grad_norm_(raw_model.parameters(), grad_clip if grad_clip > 0 else float("inf"))
     if hasattr(norm, "full_tensor"):  # FSDP: a DTensor
         norm = norm.full_tensor()
-    # The step never waits for the GPU: a non-finite step is skipped on the device, and the host
-    # learns of it (and of a stop signal) one step later, from a copy that has long arrived by then.
-    # Waiting here left the GPU idle while the CPU launched the next step: on 2 x H200 the step took
-    # about 5 ms longer on one GPU and 3 ms longer on each of two.
+    # A non-finite step is skipped on the device; the host learns of it (and of a stop signal, which all
+    # ranks obey after the same step) from a copy: on CUDA one step later, when it has long arrived
     finite, maxvio = raw_model.optimizer_step(optimizer, norm)  # biases from all-reduced counts
-    # a signal may reach the ranks at different steps: all stop together, after the same step
-    stop_flag.fill_(float(stop_signal is not None))
-    if ddp:
-        dist.all_reduce(stop_flag, op=dist.ReduceOp.MAX)
-    flags = torch.stack([finite, stop_flag]).to("cpu", non_blocking=True)
-    done = torch.cuda.Event() if device_type == "cuda" else None
-    if done is not None:
+    flags = torch.stack([finite, stop_requested()]).to("cpu", non_blocking=True)
+    if device_type == "cuda":  # the previous step's flags (this step's copy is on its way)
+        done = torch.cuda.Event()
         done.record()
-    stop = check_step(last) if last is not None else False  # the previous step's flags
-    last = (iter_num, flags, done, norm)
+        stop, last = check_step(last) if last else False, (iter_num, flags, done, norm)
+    else:  # nothing runs ahead of the host here: this step's flags are ready now
+        stop = check_step((iter_num, flags, None, norm))
     optimizer.zero_grad(set_to_none=True)
 
     n_window += 1
     if iter_num % log_interval == 0:
         t1 = time.time()
         dt = (t1 - t_window - t_paused) / n_window  # seconds per iteration
-        compiling = local_iter + 1 - n_window < 2  # the window holds the first two (compiling) iterations
         t_window, n_window, t_paused = t1, 0, 0.0
         if ddp:
             dist.all_reduce(loss_sum, op=dist.ReduceOp.AVG)
         if master:
             lossf = loss_sum.item()
-            if not compiling:
-                mfu = flops_per_token * tokens_per_iter / dt / (989e12 * world_size)  # per H100 (bf16 dense peak)
-                running_mfu = mfu if running_mfu == -1.0 else 0.9 * running_mfu + 0.1 * mfu
+            mfu = flops_per_token * tokens_per_iter / dt / (989e12 * world_size)  # per H100 (bf16 dense peak)
             mv = maxvio.item() if maxvio is not None and finite.item() else float("nan")
-            mfu_s = f"{running_mfu * 100:.1f}%" if running_mfu >= 0 and device_type == "cuda" else "n/a"
-            print(f"iter {iter_num}: loss {lossf:.4f}, lr {lr:.2e}, time {dt * 1000:.0f}ms, "
+            mfu_s = f"{mfu * 100:.1f}%" if device_type == "cuda" else "n/a"
+            print(f"iter {iter_num}: loss {lossf:.4f} ({loss_terms}), lr {lr:.2e}, time {dt * 1000:.0f}ms, "
                   f"{tokens_per_iter / dt:,.0f} tok/s, mfu {mfu_s}, "
                   f"grad norm {norm.item():.3f}, maxvio {mv:.3f}")
-            log({"iter": iter_num, "train/loss_step": lossf, "lr": lr, "ms": dt * 1000,
-                 "tok_per_s": tokens_per_iter / dt, "mfu": running_mfu, "grad_norm": norm.item(), "maxvio": mv})
+            log({"iter": iter_num, "loss": lossf, "lr": lr, "ms": dt * 1000,
+                 "tok_per_s": tokens_per_iter / dt, "mfu": mfu, "grad_norm": norm.item(), "maxvio": mv})
     iter_num += 1
-    local_iter += 1
-
     if stop:
-        if master:
-            print(f"received signal {stop_signal or 'on another rank'}: saving a checkpoint and exiting")
-        save_checkpoint()
         break
 
 if last is not None:
     check_step(last)  # the last step's flags: report (or stop on) its being non-finite
-final_save = torch.tensor(float(always_save_checkpoint or not os.path.exists(ckpt_path)), device=device)
-if ddp:  # rank 0's filesystem decides (FSDP's gather needs every rank)
-    dist.broadcast(final_save, src=0)
-if not stop and not eval_only and final_save.item():
-    save_checkpoint()  # the end of the run
-
+if iter_num != saved_iter:  # the same on every rank (FSDP's gather needs them all)
+    save_checkpoint()  # the end of the run, or a stop after a step
 if device_type == "cuda":
     print(f"rank {rank}: peak GPU memory {torch.cuda.max_memory_allocated(device) / 1e9:.2f} GB")
 if ddp:
-    # the bias update is all-reduced, so every rank must hold the same expert biases: check it
-    biases = torch.cat([m.gate.bias for m in raw_model.moe_layers()] or [torch.zeros(1, device=device)])
-    spread = biases.clone()
-    dist.all_reduce(spread, op=dist.ReduceOp.MAX)
-    low = biases.clone()
-    dist.all_reduce(low, op=dist.ReduceOp.MIN)
-    if master:
-        print(f"expert biases identical on all {world_size} ranks: {bool(torch.equal(spread, low))}")
     dist.destroy_process_group()

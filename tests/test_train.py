@@ -1,11 +1,13 @@
 """train.py end to end on the CPU: loss falls, exact resume, DDP (gloo, 2 processes) == 1 process,
-crash safety (SIGKILL at random moments, SIGTERM), and one clear line for every bad input."""
+crash safety (SIGKILL at random moments, SIGTERM, Ctrl-C in an eval, a second Ctrl-C), out_dir
+safety (no run replaced, nothing written by eval_only), and one clear line for every bad input."""
 import contextlib
 import io
 import json
 import os
 import random
 import runpy
+import select
 import shutil
 import signal
 import subprocess
@@ -56,7 +58,12 @@ def run_train(tmp, *args, check=True, env=None, timeout=240):
 
 def step_losses(out_dir):
     rows = [json.loads(l) for l in (out_dir / "log.jsonl").read_text().splitlines()]
-    return {r["iter"]: r["train/loss_step"] for r in rows if "train/loss_step" in r}
+    return {r["iter"]: r["loss"] for r in rows if "loss" in r}
+
+
+def snapshot(d):
+    """Every file under d with its bytes and modification time (to show that nothing was written)."""
+    return {p.name: (p.read_bytes(), p.stat().st_mtime_ns) for p in sorted(d.iterdir())}
 
 
 @pytest.fixture
@@ -68,11 +75,15 @@ def tmp(tmp_path):
 def test_loss_falls(tmp):
     p = run_train(tmp, "--max_iters=40", "--eval_interval=20", "--learning_rate=1e-2")
     losses = step_losses(tmp / "out")
+    assert sorted(losses) == list(range(40))  # max_iters optimizer steps, no more
     assert np.mean([losses[i] for i in range(3)]) > 5.0
-    assert np.mean([losses[i] for i in range(36, 41)]) < 3.0
-    assert "val loss" in p.stdout
+    assert np.mean([losses[i] for i in range(35, 40)]) < 3.0
+    # both losses are labelled: the eval's main cross-entropy, and the step's training objective
+    assert "iter 40: eval ce train " in p.stdout and "(ce + 0.3 mtp + aux), lr" in p.stdout
+    rows = [json.loads(l) for l in (tmp / "out" / "log.jsonl").read_text().splitlines()]
+    assert [r["iter"] for r in rows if "ce/val" in r and "ce/train" in r] == [0, 20, 40]
     model, ckpt = load_checkpoint(str(tmp / "out" / "ckpt.pt"))
-    assert ckpt["iter_num"] > 0 and "optimizer" in ckpt and "rng" in ckpt
+    assert ckpt["iter_num"] == 40 and "optimizer" in ckpt and "rng" in ckpt
     # the expert biases moved (the balancing update ran), and training logged MaxVio
     assert any(m.gate.bias.abs().sum() > 0 for m in model.moe_layers())
     assert "maxvio" in p.stdout
@@ -83,23 +94,70 @@ def test_resume_gives_exactly_the_same_losses(tmp):
     run_train(tmp, *common)
     full = step_losses(tmp / "out")
     (tmp / "out").rename(tmp / "full")
-    # stop after 7 steps (the end-of-run checkpoint), then resume to 12
-    run_train(tmp, *common[:1], "--max_iters=6", "--lr_decay_iters=12", "--dropout=0.1", "--always_save_checkpoint=True")
-    assert load_checkpoint(str(tmp / "out" / "ckpt.pt"))[1]["iter_num"] == 7
+    # stop after 6 steps (the end-of-run checkpoint), then resume to 12
+    run_train(tmp, *common[:1], "--max_iters=6", "--lr_decay_iters=12", "--dropout=0.1")
+    assert load_checkpoint(str(tmp / "out" / "ckpt.pt"))[1]["iter_num"] == 6
     run_train(tmp, *common, "--init_from=resume")
     resumed = step_losses(tmp / "out")
-    assert set(range(7, 13)) <= set(resumed)
-    for i in range(7, 13):
+    assert sorted(resumed) == list(range(12))
+    for i in range(6, 12):
         assert resumed[i] == full[i], (i, resumed[i], full[i])
+
+
+def test_max_iters_steps_then_the_final_state_is_saved_and_resume_does_nothing(tmp, monkeypatch):
+    """max_iters is the number of optimizer steps; the final state is evaluated and saved even where an
+    earlier checkpoint has a better val loss, so resuming the finished run has nothing to do."""
+    p = run_train(tmp, "--max_iters=5", "--eval_interval=2")
+    assert sorted(step_losses(tmp / "out")) == [0, 1, 2, 3, 4]
+    assert "iter 5: eval ce train" in p.stdout
+    assert load_checkpoint(str(tmp / "out" / "ckpt.pt"))[1]["iter_num"] == 5
+    # on to 7 steps at a learning rate that makes the val loss worse
+    args = ["--init_from=resume", "--max_iters=7", "--learning_rate=1.0", "--min_lr=1.0", "--warmup_iters=0"]
+    run_train(tmp, *args)
+    rows = [json.loads(l) for l in (tmp / "out" / "log.jsonl").read_text().splitlines()]
+    val = {r["iter"]: r["ce/val"] for r in rows if "ce/val" in r}
+    assert sorted(val) == [0, 2, 4, 5, 7] and val[7] > min(val.values())
+    assert load_checkpoint(str(tmp / "out" / "ckpt.pt"))[1]["iter_num"] == 7
+    before = snapshot(tmp / "out")
+    p = run_train_here(tmp, monkeypatch, *args)
+    assert p.returncode == 0 and p.stderr == ""
+    assert "nothing to do" in p.stdout and "parameters" not in p.stdout
+    assert snapshot(tmp / "out") == before
+
+
+def test_eval_only_evaluates_and_writes_nothing(tmp, monkeypatch):
+    """The newcomer's `train.py config/tinystories_debug.py --eval_only=True --init_from=resume` trained
+    on and replaced both checkpoints; now it prints the losses of the checkpoint and exits."""
+    run_train(tmp, "--max_iters=4", "--eval_interval=1000")
+    before = snapshot(tmp / "out")
+    p = run_train_here(tmp, monkeypatch, "--eval_only=True", "--init_from=resume", "--eval_interval=20")
+    assert p.returncode == 0 and "iter 4: eval ce train" in p.stdout, p.stderr
+    assert "(ce + " not in p.stdout and "saved" not in p.stdout  # no step, no checkpoint
+    assert snapshot(tmp / "out") == before
+    # from scratch into a new out_dir: not even the folder is made
+    p = run_train_here(tmp, monkeypatch, "--eval_only=True", f"--out_dir={tmp / 'new'}")
+    assert "iter 0: eval ce train" in p.stdout and not (tmp / "new").exists(), p.stderr
+
+
+# train.py under torchrun, then each rank saves the expert biases it ended with (to check that they agree)
+BIASES = f"""import os, runpy, sys, torch
+sys.path.insert(0, {str(REPO)!r})
+g = runpy.run_path({str(REPO / "train.py")!r}, run_name="__main__")
+biases = [m.gate.bias for m in g["raw_model"].moe_layers()]
+torch.save(biases, os.path.join(g["out_dir"], f"biases{{g['rank']}}.pt"))
+"""
 
 
 def torchrun(tmp, out, *args):
     exe = os.path.join(os.path.dirname(sys.executable), "torchrun")
+    (tmp / "biases.py").write_text(BIASES)
     cmd = [exe if os.path.exists(exe) else "torchrun", "--standalone", "--nproc_per_node=2",
-           str(REPO / "train.py"), *TINY, f"--data_dir={tmp / 'data'}", f"--out_dir={out}", *args]
+           str(tmp / "biases.py"), *TINY, f"--data_dir={tmp / 'data'}", f"--out_dir={out}", *args]
     p = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300,
                        env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    b0, b1 = (torch.load(out / f"biases{r}.pt") for r in (0, 1))
+    assert all(torch.equal(x, y) for x, y in zip(b0, b1)), "the ranks' expert biases differ"
     return p
 
 
@@ -114,12 +172,11 @@ def test_ddp_and_fsdp_two_processes_match_one(tmp):
     one = step_losses(tmp / "out")
     b1 = [m.gate.bias.clone() for m in load_checkpoint(str(tmp / "out" / "ckpt.pt"))[0].moe_layers()]
 
-    p = torchrun(tmp, tmp / "ddp", *common)
+    torchrun(tmp, tmp / "ddp", *common)
     two = step_losses(tmp / "ddp")
     assert sorted(one) == sorted(two)
     for i in one:
         assert two[i] == pytest.approx(one[i], rel=1e-4, abs=1e-5), (i, one[i], two[i])
-    assert "expert biases identical on all 2 ranks: True" in p.stdout
     b2 = [m.gate.bias for m in load_checkpoint(str(tmp / "ddp" / "ckpt.pt"))[0].moe_layers()]
     for x, y in zip(b1, b2):
         assert torch.allclose(x, y, atol=1e-6)
@@ -132,18 +189,17 @@ def test_ddp_and_fsdp_two_processes_match_one(tmp):
     a, b = step_losses(tmp / "one1"), step_losses(tmp / "ddp1")
     assert sorted(a) == sorted(b) and all(b[i] == pytest.approx(a[i], rel=1e-4, abs=1e-5) for i in a), (a, b)
 
-    # FSDP2 for the first 4 steps (0..3), then resume in ONE process from its checkpoint
+    # FSDP2 for the first 3 steps (0..2), then resume in ONE process from its checkpoint
     fs = tmp / "fsdp"
-    p = torchrun(tmp, fs, *common[:-3], "--max_iters=3", "--lr_decay_iters=6", "--gradient_accumulation_steps=2",
-                 "--always_save_checkpoint=True", "--fsdp=True")
-    assert "expert biases identical on all 2 ranks: True" in p.stdout
+    torchrun(tmp, fs, *common[:-3], "--max_iters=3", "--lr_decay_iters=6", "--gradient_accumulation_steps=2",
+             "--always_save_checkpoint=True", "--fsdp=True")
     first = step_losses(fs)
-    assert load_checkpoint(str(fs / "ckpt.pt"))[1]["iter_num"] == 4
+    assert load_checkpoint(str(fs / "ckpt.pt"))[1]["iter_num"] == 3
     run_train(tmp, *common, "--init_from=resume", f"--out_dir={fs}")
     after = step_losses(fs)
-    for i in range(7):
+    for i in range(6):
         assert after[i] == pytest.approx(one[i], rel=1e-4, abs=1e-5), (i, one[i], after[i])
-    assert all(first[i] == after[i] for i in range(4))
+    assert all(first[i] == after[i] for i in range(3))
 
 
 # ---- crash safety ---------------------------------------------------------------------------
@@ -187,16 +243,16 @@ def test_sigkill_at_random_moments_then_resume(tmp):
     assert killed_in_write and kills >= 2
     # finish the run and compare every logged step with the uninterrupted run
     run_train(tmp, *common, "--init_from=resume")
-    assert load_checkpoint(str(out / "ckpt.pt"))[1]["iter_num"] == 21
+    assert load_checkpoint(str(out / "ckpt.pt"))[1]["iter_num"] == 20
     got = {}
     for line in (out / "log.jsonl").read_text().splitlines():
         r = json.loads(line)
-        if "train/loss_step" in r:
-            got.setdefault(r["iter"], []).append(r["train/loss_step"])
+        if "loss" in r:
+            got.setdefault(r["iter"], []).append(r["loss"])
     for i, vals in got.items():
         for v in vals:  # a step run twice (before a kill and after the resume) gives the same loss
             assert v == full[i], (i, v, full[i])
-    assert set(range(21)) <= set(got)
+    assert set(got) == set(range(20))
 
 
 def test_non_finite_steps_change_nothing(tmp):
@@ -208,9 +264,9 @@ def test_non_finite_steps_change_nothing(tmp):
                   "--warmup_iters=0", "--grad_clip=0.0", "--eval_interval=1000", "--max_bad_steps=100",
                   "--always_save_checkpoint=True")
     skipped = [int(line.split(":")[0].split()[1]) for line in p.stdout.splitlines() if "step skipped" in line]
-    assert skipped == list(range(skipped[0], 10)) and skipped[0] <= 7, p.stdout  # through the last one
+    assert skipped == list(range(skipped[0], 9)) and skipped[0] <= 7, p.stdout  # through the last one
     ck = torch.load(tmp / "out" / "ckpt.pt", weights_only=False)
-    assert ck["iter_num"] == 10
+    assert ck["iter_num"] == 9
     tensors = list(ck["model"].values()) + [t for st in ck["optimizer"]["state"].values()
                                             for t in st.values() if torch.is_tensor(t)]
     assert all(torch.isfinite(t.float()).all() for t in tensors)
@@ -218,20 +274,95 @@ def test_non_finite_steps_change_nothing(tmp):
     assert steps == {float(skipped[0])}, steps  # iterations 0..skipped[0]-1 stepped; a skipped one does not count
 
 
-def test_sigterm_saves_and_exits_cleanly(tmp):
-    cmd = [sys.executable, str(REPO / "train.py"), *TINY, f"--data_dir={tmp / 'data'}", f"--out_dir={tmp / 'out'}",
-           "--max_iters=100000", "--eval_interval=100000"]
-    proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    log = tmp / "out" / "log.jsonl"
-    t0 = time.time()
-    while not (log.exists() and len(log.read_text().splitlines()) >= 3) and time.time() - t0 < 60:
-        time.sleep(0.05)
+@pytest.fixture
+def popen_train(tmp):
+    """Starts train.py in the background (killed at the end of the test, whatever happens)."""
+    procs = []
+
+    def start(*args):
+        cmd = [sys.executable, str(REPO / "train.py"), *TINY, f"--data_dir={tmp / 'data'}", *args]
+        procs.append(subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                      env={**os.environ, "PYTHONUNBUFFERED": "1"}))
+        return procs[-1]
+    yield start
+    for proc in procs:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
+def wait_for(proc, needle, timeout=60):
+    """Reads proc's stdout until needle shows up (never blocking for long: the process may print nothing)."""
+    seen, fd, t0 = "", proc.stdout.fileno(), time.time()
+    while needle not in seen and time.time() - t0 < timeout:
+        if select.select([fd], [], [], 0.2)[0]:
+            chunk = os.read(fd, 1 << 16).decode()
+            if not chunk:
+                break
+            seen += chunk
+    assert needle in seen, seen[-3000:]
+
+
+def test_sigterm_saves_and_exits_cleanly(tmp, popen_train):
+    proc = popen_train(f"--out_dir={tmp / 'out'}", "--max_iters=100000", "--eval_interval=100000")
+    wait_for(proc, "iter 3: loss")
     proc.send_signal(signal.SIGTERM)
     out, err = proc.communicate(timeout=60)
     assert proc.returncode == 0, err
-    assert "saving a checkpoint and exiting" in out
+    assert err.startswith("SIGTERM: stopping") and err.count("\n") == 1, err
     ck = load_checkpoint(str(tmp / "out" / "ckpt.pt"))[1]
-    assert ck["iter_num"] >= 3
+    assert ck["iter_num"] >= 3 and f"(iter {ck['iter_num']})" in out.splitlines()[-1]  # saved at the stop
+
+
+def test_ctrl_c_abandons_an_eval_at_once(tmp, popen_train):
+    """Ctrl-C in the middle of a long eval (the CPU quick-start's first eval takes ~20 minutes) takes
+    effect at the next eval batch. Nothing trained since the last checkpoint: nothing is written (not
+    even out_dir); a step trained since: it is saved, exactly as a run that stopped there saves it."""
+    slow_eval = ["--eval_iters=10000000", "--eval_interval=3"]
+    proc = popen_train(f"--out_dir={tmp / 'fresh'}", *slow_eval)
+    wait_for(proc, "tokens per iteration")  # the eval at iter 0 is next
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=30)
+    assert proc.returncode == 0, err
+    assert err.startswith("SIGINT: stopping") and err.count("\n") == 1, err
+    assert not (tmp / "fresh").exists()
+
+    run_train(tmp, "--max_iters=2", "--eval_interval=1000")
+    proc = popen_train(f"--out_dir={tmp / 'out'}", "--init_from=resume", "--max_iters=6", *slow_eval)
+    wait_for(proc, "eval at iter 3: train batch")  # a long eval shows its progress
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=30)
+    assert proc.returncode == 0 and "saved checkpoint" in out, err
+    run_train(tmp, "--max_iters=3", "--eval_interval=1000", f"--out_dir={tmp / 'ref'}")
+    got, ref = (torch.load(tmp / d / "ckpt.pt", weights_only=False) for d in ("out", "ref"))
+    assert got["iter_num"] == ref["iter_num"] == 3
+
+    def resume_state(ck):  # what a resume starts from: the weights, the RNG, the optimizer's moments
+        return [*ck["model"].values(), ck["rng"]["torch"], *(t for st in ck["optimizer"]["state"].values()
+                                                              for t in st.values())]
+    assert all(torch.equal(x, y) for x, y in zip(resume_state(got), resume_state(ref), strict=True))
+
+
+def test_ctrl_c_in_a_long_step_saves_it_and_a_second_one_quits_at_once(tmp, popen_train):
+    """Ctrl-C in a long step (the flagship's takes ~51 s on a CPU) stops the run at the end of that step,
+    saved (not one step later); a second Ctrl-C ends the process at once, without a traceback."""
+    proc = popen_train(f"--out_dir={tmp / 'one'}", "--gradient_accumulation_steps=30")
+    wait_for(proc, "iter 0: eval ce")  # inside step 0 now
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 0 and load_checkpoint(str(tmp / "one" / "ckpt.pt"))[1]["iter_num"] == 1, out + err
+
+    proc = popen_train(f"--out_dir={tmp / 'two'}", "--gradient_accumulation_steps=5000")
+    wait_for(proc, "iter 0: eval ce")
+    proc.send_signal(signal.SIGINT)
+    time.sleep(0.5)
+    t0 = time.time()
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=30)
+    assert time.time() - t0 < 3 and proc.returncode == -signal.SIGINT, (proc.returncode, out[-2000:], err)
+    assert err.startswith("SIGINT: stopping") and "Ctrl-C again quits at once" in err, err
+    assert err.count("\n") == 1 and "Traceback" not in err, err
+    assert not (tmp / "two" / "ckpt.pt").exists()
 
 
 def test_non_finite_steps_are_skipped_then_training_stops(tmp):
@@ -282,6 +413,7 @@ def run_train_here(tmp, monkeypatch, *args):
     monkeypatch.chdir(REPO)
     monkeypatch.setattr(sys, "argv", ["train.py", *TINY, f"--data_dir={tmp / 'data'}", f"--out_dir={tmp / 'out'}", *args])
     out, err, code = io.StringIO(), io.StringIO(), 0
+    handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}  # train.py sets them
     with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
         try:
             runpy.run_path(str(REPO / "train.py"), run_name="__main__")
@@ -290,6 +422,8 @@ def run_train_here(tmp, monkeypatch, *args):
         except Exception:
             traceback.print_exc()
             code = 1
+    for sig, handler in handlers.items():
+        signal.signal(sig, handler)
     return subprocess.CompletedProcess(sys.argv, code, out.getvalue(), err.getvalue())
 
 
@@ -308,6 +442,7 @@ def test_bad_data(tmp):
     np.full(5000, 300, dtype=np.uint16).tofile(d / "train.bin")  # ids >= vocab_size=256
     (d / "meta.json").unlink()
     one_line_error(run_train(tmp, "--max_iters=2", check=False), "token id", "vocab_size")
+    assert not (tmp / "out").exists()  # a failed run leaves no empty out_dir behind
 
 
 def test_bad_checkpoints(tmp):
@@ -323,6 +458,66 @@ def test_bad_checkpoints(tmp):
     # not a checkpoint of ours
     torch.save({"weights": torch.zeros(2)}, ck)
     one_line_error(run_train(tmp, "--init_from=resume", check=False), "not a checkpoint")
+
+
+def test_a_fresh_run_never_replaces_an_earlier_one(tmp, monkeypatch):
+    """The newcomer's `train.py config/tinystories_debug.py` (init_from='scratch', the default) into an
+    out_dir holding a run replaced its checkpoints and appended to its log; now it refuses in one line."""
+    run_train(tmp, "--max_iters=2", "--eval_interval=1000")
+    before = snapshot(tmp / "out")
+    p = run_train_here(tmp, monkeypatch)
+    one_line_error(p, "holds an earlier run", "--init_from=resume", "--out_dir")
+    assert snapshot(tmp / "out") == before
+    # the log of a run killed before its first checkpoint: a new run would mix two runs in one log
+    (tmp / "out" / "ckpt.pt").unlink()
+    p = run_train_here(tmp, monkeypatch)
+    one_line_error(p, "holds an earlier run (log.jsonl)", "--out_dir")
+    assert "--init_from=resume" not in p.stderr
+
+
+def lock(path, on):
+    """Makes path unwritable even for root (chattr +i), or undoes it; False where that is impossible."""
+    if os.geteuid() != 0:
+        path.chmod(0o555 if on else 0o755)
+        return True
+    return subprocess.run(["chattr", "+i" if on else "-i", str(path)], capture_output=True).returncode == 0
+
+
+def test_an_out_dir_that_cannot_be_written_is_refused_before_any_work(tmp, monkeypatch):
+    """out_dir a file, under a file, or not writable (a resumed run's own folder, or the folder it would
+    be made in): one line before the model is even built, not a traceback 20 minutes into the run."""
+    (tmp / "file").write_text("not a folder")
+    for out in (tmp / "file", tmp / "file" / "run"):
+        p = run_train_here(tmp, monkeypatch, f"--out_dir={out}")
+        one_line_error(p, f"cannot write to out_dir={out}", "not a writable folder")
+        assert "parameters" not in p.stdout
+    run_train(tmp, "--max_iters=2", "--eval_interval=1000")
+    (tmp / "locked").mkdir()
+    if not (lock(tmp / "out", True) and lock(tmp / "locked", True)):
+        lock(tmp / "out", False)
+        pytest.skip("cannot make a folder unwritable here (chattr +i failed)")
+    try:
+        p = run_train_here(tmp, monkeypatch, "--init_from=resume", "--max_iters=4")
+        one_line_error(p, f"cannot write to out_dir={tmp / 'out'}")
+        assert "parameters" not in p.stdout
+        one_line_error(run_train_here(tmp, monkeypatch, f"--out_dir={tmp / 'locked' / 'run'}"),
+                       f"{tmp / 'locked'} is not a writable folder")
+    finally:
+        lock(tmp / "out", False)
+        lock(tmp / "locked", False)
+
+
+def test_wandb_not_logged_in_or_not_installed(tmp, monkeypatch):
+    pytest.importorskip("wandb")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("WANDB_")}
+    env.update(HOME=str(tmp), NETRC=str(tmp / "no-netrc"), WANDB_DIR=str(tmp))  # no API key anywhere
+    cmd = [sys.executable, str(REPO / "train.py"), *TINY, f"--data_dir={tmp / 'data'}",
+           f"--out_dir={tmp / 'out'}", "--wandb_log=True"]
+    p = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=120, env=env)
+    one_line_error(p, "wandb login", "WANDB_MODE=offline")
+    assert not (tmp / "out").exists()
+    monkeypatch.setitem(sys.modules, "wandb", None)  # not installed: its import fails
+    one_line_error(run_train_here(tmp, monkeypatch, "--wandb_log=True"), "pip install wandb")
 
 
 def test_batch_that_cannot_be_shared_over_ranks(tmp):

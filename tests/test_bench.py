@@ -1,0 +1,45 @@
+"""bench.py on the CPU: where its results go is checked before it measures anything."""
+import contextlib
+import io
+import json
+import runpy
+import sys
+import traceback
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+SMALL = ["config/tinystories_debug.py", "--device=cpu", "--steps=1", "--warmup=0", "--twin=False",
+         "--vocab_size=256", "--batch_size=2", "--block_size=32"]
+
+
+def run_bench(monkeypatch, *args):
+    """bench.py in this process up to its exit -> (exit code, stdout, stderr); a traceback counts as one."""
+    monkeypatch.chdir(REPO)
+    monkeypatch.setattr(sys, "argv", ["bench.py", *SMALL, *args])
+    out, err, code = io.StringIO(), io.StringIO(), 0
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        try:
+            runpy.run_path(str(REPO / "bench.py"), run_name="__main__")
+        except SystemExit as e:
+            if isinstance(e.code, str):  # the interpreter prints it and exits with 1
+                print(e.code, file=sys.stderr)
+            code = 1 if isinstance(e.code, str) else e.code or 0
+        except Exception:
+            traceback.print_exc()
+            code = 1
+    return code, out.getvalue(), err.getvalue()
+
+
+def test_unwritable_outputs_are_one_line_before_the_benchmark(tmp_path, monkeypatch):
+    (tmp_path / "file").write_text("x")
+    for key in ("out_json", "profile_file"):
+        for bad in (tmp_path, tmp_path / "missing" / "r.json", tmp_path / "file" / "r.json"):
+            code, out, err = run_bench(monkeypatch, f"--{key}={bad}")
+            assert code != 0 and "ms/step" not in out, out  # refused before it measures anything
+            assert err.strip().count("\n") == 0 and "Traceback" not in err, err
+            assert err.startswith(f"error: cannot write {bad} ("), err
+    assert not (tmp_path / "missing").exists()
+    # a good path: the probe leaves nothing behind, the results land there at the end
+    code, out, err = run_bench(monkeypatch, f"--out_json={tmp_path / 'r.json'}")
+    assert code == 0 and "moe:" in out, err
+    assert "ms" in json.loads((tmp_path / "r.json").read_text())["moe"]
