@@ -11,6 +11,7 @@ Names follow nanoGPT for the common knobs and DeepSeek's released inference/mode
 """
 
 import math
+import os
 from dataclasses import dataclass, fields
 
 import torch
@@ -118,8 +119,7 @@ class ModelArgs:
         return self.qk_nope_head_dim + self.qk_rope_head_dim
 
     def differences(self, other):
-        """The fields in which `other` describes a different model: not TRAINING_ONLY ones, nor YaRN's
-        while YaRN is off in both."""
+        """Fields in which `other` is a different model (not TRAINING_ONLY ones, nor YaRN's while off)."""
         free = set(self.TRAINING_ONLY)
         if self.rope_factor == other.rope_factor == 1.0:
             free |= {"original_seq_len", "beta_fast", "beta_slow", "mscale"}
@@ -163,11 +163,9 @@ def rope_tables(args: ModelArgs):
 def apply_rope(x, cos, sin):
     """Rotate adjacent pairs (x0, x1), (x2, x3), ... as complex numbers: DeepSeek's layout.
     x: (..., T, n, d) with cos/sin (T, d/2) broadcast over the n axis."""
-    xf = x.float().unflatten(-1, (-1, 2))
-    x0, x1 = xf[..., 0], xf[..., 1]
+    x0, x1 = x.float().unflatten(-1, (-1, 2)).unbind(-1)
     cos, sin = cos[:, None, :], sin[:, None, :]
-    out = torch.stack((x0 * cos - x1 * sin, x0 * sin + x1 * cos), dim=-1)
-    return out.flatten(-2).type_as(x)
+    return torch.stack((x0 * cos - x1 * sin, x0 * sin + x1 * cos), dim=-1).flatten(-2).type_as(x)
 
 
 class MLP(nn.Module):
@@ -193,8 +191,8 @@ class MLA(nn.Module):
         super().__init__()
         self.args = args
         H, d = args.n_head, args.n_embd
-        self.n_head, self.dn, self.dr, self.dv = H, args.qk_nope_head_dim, args.qk_rope_head_dim, args.v_head_dim
-        self.rank = args.kv_lora_rank
+        self.n_head, self.rank = H, args.kv_lora_rank
+        self.dn, self.dr, self.dv = args.qk_nope_head_dim, args.qk_rope_head_dim, args.v_head_dim
         if args.q_lora_rank == 0:
             self.wq = nn.Linear(d, H * args.qk_head_dim, bias=False)
         else:
@@ -211,51 +209,37 @@ class MLA(nn.Module):
         if args.rope_factor > 1.0:  # YaRN's attention temperature, applied to the softmax scale
             m = 0.1 * args.mscale * math.log(args.rope_factor) + 1.0
             self.scale *= m * m
-        self.dropout = args.dropout
-
-    def queries(self, x):
-        B, T, _ = x.shape
-        q = self.wq(x) if self.args.q_lora_rank == 0 else self.wq_b(self.q_norm(self.wq_a(x)))
-        return q.view(B, T, self.n_head, self.dn + self.dr).split([self.dn, self.dr], dim=-1)
-
-    def latents(self, x, cos, sin):
-        """The two things a token leaves behind for later tokens: the normalised kv latent
-        (B, T, rank) and the rotated shared key (B, T, dr)."""
-        kv, k_pe = self.wkv_a(x).split([self.rank, self.dr], dim=-1)
-        return self.kv_norm(kv), apply_rope(k_pe.unsqueeze(2), cos, sin).squeeze(2)
 
     def forward(self, x, cos, sin, cache=None, start_pos=0):
         B, T, _ = x.shape
-        q_nope, q_pe = self.queries(x)
+        q = self.wq(x) if self.args.q_lora_rank == 0 else self.wq_b(self.q_norm(self.wq_a(x)))
+        q_nope, q_pe = q.view(B, T, self.n_head, self.dn + self.dr).split([self.dn, self.dr], dim=-1)
         q_pe = apply_rope(q_pe, cos, sin)
-        kv, k_pe = self.latents(x, cos, sin)
+        kv, k_pe = self.wkv_a(x).split([self.rank, self.dr], dim=-1)
+        kv, k_pe = self.kv_norm(kv), apply_rope(k_pe.unsqueeze(2), cos, sin).squeeze(2)
         if cache is None:
             # Training: expand the latent to every head's keys and values (each head reads the
             # WHOLE latent through its own slice of wkv_b) and use the fused causal attention.
-            kvh = self.wkv_b(kv).view(B, T, self.n_head, self.dn + self.dv)
-            k_nope, v = kvh.split([self.dn, self.dv], dim=-1)
+            k_nope, v = self.wkv_b(kv).view(B, T, self.n_head, -1).split([self.dn, self.dv], dim=-1)
             q = torch.cat([q_nope, q_pe], dim=-1).transpose(1, 2)              # (B, H, T, dn+dr)
             k = torch.cat([k_nope, k_pe.unsqueeze(2).expand(-1, -1, self.n_head, -1)], dim=-1).transpose(1, 2)
             y = F.scaled_dot_product_attention(q, k, v.transpose(1, 2), is_causal=True, scale=self.scale,
-                                               dropout_p=self.dropout if self.training else 0.0)
+                                               dropout_p=self.args.dropout if self.training else 0.0)
             return self.wo(y.transpose(1, 2).reshape(B, T, -1))
-        # Inference with the compressed cache ("absorb" mode): never expand the cached latents.
+        # Inference ("absorb" mode): the cached latents are never expanded; fixed shapes, no host sync.
         # score = q_nope . (W_uk c) + q_pe . k_pe = (W_uk^T q_nope) . c + q_pe . k_pe, so fold W_uk
         # into the query; likewise the values: out = W_uv (sum_s p_s c_s), fold W_uv into the output.
         kv_cache, pe_cache = cache
-        # one position representation: start_pos (an int or a 0-dim device tensor) + arange, written by
-        # index, attending over the whole cache under a mask; no host sync, so a CUDA graph can replay it
         pos = start_pos + torch.arange(T, device=x.device)
         kv_cache[:B].index_copy_(1, pos, kv.to(kv_cache.dtype))
         pe_cache[:B].index_copy_(1, pos, k_pe.to(pe_cache.dtype))
         mask = torch.arange(kv_cache.shape[1], device=x.device) <= pos[:, None]  # query i sees keys <= pos[i]
-        w = self.wkv_b.weight.view(self.n_head, self.dn + self.dv, self.rank)
-        w_uk, w_uv = w[:, :self.dn], w[:, self.dn:]
+        w_uk, w_uv = self.wkv_b.weight.view(self.n_head, -1, self.rank).split([self.dn, self.dv], dim=1)
         q_lat = torch.einsum("bthd,hdc->bthc", q_nope, w_uk)                    # (B, T, H, rank)
         c, k_pe = kv_cache[:B].type_as(q_lat), pe_cache[:B].type_as(q_lat)
-        # Every head reads the same cached latent and rotary key, so this is plain matmuls, written
-        # out rather than SDPA, which would need the latents expanded per head.
-        scores = (torch.einsum("bthc,bsc->bths", q_lat, c) + torch.einsum("bthr,bsr->bths", q_pe, k_pe)) * self.scale
+        # all heads read the same cached latent and rotary key: plain matmuls (SDPA would expand them)
+        scores = torch.einsum("bthc,bsc->bths", q_lat, c) + torch.einsum("bthr,bsr->bths", q_pe, k_pe)
+        scores = scores * self.scale
         scores = scores.masked_fill(~mask[:, None], float("-inf"))
         p = scores.float().softmax(dim=-1).type_as(q_lat)                     # (B, T, H, S)
         y = torch.einsum("bthc,hdc->bthd", torch.einsum("bths,bsc->bthc", p, c), w_uv)
@@ -302,9 +286,8 @@ class Gate(nn.Module):
 
 
 class GroupedLinear(torch.autograd.Function):
-    """y[rows of expert e] = x[rows of expert e] @ w[e]^T via torch._grouped_mm, with the backward
-    written out: torch's CPU kernel has no working backward (2.13), and on CUDA it is as fast and as
-    exact as the native one. x: (M, in) sorted by expert, w: (E, out, in), offs: (E,) int32 row ends."""
+    """y[rows of expert e] = x[rows of expert e] @ w[e]^T via torch._grouped_mm, backward written out (the
+    CPU kernel has none that works). x: (M, in) sorted by expert, w: (E, out, in), offs: (E,) row ends."""
 
     @staticmethod
     def forward(ctx, x, w, offs):
@@ -322,9 +305,8 @@ class GroupedLinear(torch.autograd.Function):
 
 
 class Dispatch(torch.autograd.Function):
-    """xs = x[order // K]: each token copied to its K slots, in the order `order` (a permutation with
-    inverse inv); K = 1 permutes. Autograd would scatter-add the gradient (a zero fill plus atomics):
-    here it is a gather by inv, then each token's K rows summed."""
+    """xs = x[order // K]: each token copied to its K slots in the order `order` (inverse: inv); K = 1
+    permutes. The backward gathers by inv and sums each token's K rows, where autograd would scatter-add."""
 
     @staticmethod
     def forward(ctx, x, order, inv, K):
@@ -350,17 +332,20 @@ class MoE(nn.Module):
         self.w3 = nn.Parameter(torch.randn(E, h, d) * 0.02)  # these; a lone MoE still works)
         self.w2 = nn.Parameter(torch.randn(E, d, h) * 0.02)
         self.shared = MLP(d, args.n_shared_experts * h) if args.n_shared_experts > 0 else None
-        # tokens routed to each expert since the last update_expert_bias(); not saved (it is
-        # cleared at every optimizer step, and checkpoints are written between steps)
+        # tokens routed to each expert since the last update_expert_bias(); cleared every step, so not saved
         self.register_buffer("tokens_per_expert", torch.zeros(E, dtype=torch.float32), persistent=False)
+
+    @staticmethod
+    def matmul_dtype(x):
+        autocast = x.is_cuda and torch.is_autocast_enabled("cuda")
+        return torch.get_autocast_dtype("cuda") if autocast else x.dtype
 
     def experts_impl(self, x):
         if self.args.moe_impl != "auto":
             return self.args.moe_impl
         # grouped_mm runs in bf16 on CUDA, in fp32 on eager CPU (compiled: bf16 only), maybe nowhere else
-        dt = torch.get_autocast_dtype("cuda") if x.is_cuda and torch.is_autocast_enabled("cuda") else x.dtype
         eager_cpu = x.device.type == "cpu" and not torch.compiler.is_compiling()
-        return "grouped" if (dt == torch.bfloat16 if x.is_cuda else eager_cpu) else "dense"
+        return "grouped" if (self.matmul_dtype(x) == torch.bfloat16 if x.is_cuda else eager_cpu) else "dense"
 
     def forward(self, x):
         """x: (B, T, d) -> (y, counts (E,), seq_aux_loss scalar)."""
@@ -383,8 +368,7 @@ class MoE(nn.Module):
             P = (scores / scores.sum(-1, keepdim=True)).view(B, T, E).mean(1)
             top = scores.topk(K, dim=-1).indices.view(B, T * K)
             f = torch.zeros(B, E, device=x.device).scatter_add_(1, top, torch.ones_like(top, dtype=P.dtype))
-            f = f * (E / (K * T))
-            aux = a.seq_aux_alpha * (f * P).sum(-1).mean()
+            aux = a.seq_aux_alpha * (f * (E / (K * T)) * P).sum(-1).mean()
         return y.view(B, T, d), counts, aux
 
     def run_grouped(self, x, w, idx, counts):
@@ -393,7 +377,7 @@ class MoE(nn.Module):
         order = idx.flatten().argsort(stable=True)   # row r of the sorted batch is slot order[r]
         inv = torch.empty_like(order).scatter_(0, order, torch.arange(order.numel(), device=x.device))
         offs = counts.cumsum(0).to(torch.int32)
-        dt = torch.get_autocast_dtype("cuda") if x.is_cuda and torch.is_autocast_enabled("cuda") else x.dtype
+        dt = self.matmul_dtype(x)
         xs = Dispatch.apply(x.to(dt), order, inv, K)
         w13 = torch.cat([self.w1, self.w3], dim=1).to(dt)  # both input projections in one GEMM
         ws = w.flatten()[order].unsqueeze(-1)              # each sorted row's gate weight
@@ -406,8 +390,7 @@ class MoE(nn.Module):
     def run_dense(self, x, w, idx):
         # every expert on every token, zero weight where not picked: E/k times the work, but no
         # data-dependent shapes or host syncs, so it compiles on any device (and is the reference)
-        gates = torch.zeros(x.shape[0], self.args.n_routed_experts, device=x.device, dtype=torch.float32)
-        gates.scatter_(1, idx, w)
+        gates = w.new_zeros(x.shape[0], self.args.n_routed_experts).scatter_(1, idx, w)  # (N, E) fp32
         h = F.silu(torch.einsum("nd,ehd->enh", x, self.w1)) * torch.einsum("nd,ehd->enh", x, self.w3)
         y = torch.einsum("enh,edh->end", h, self.w2)
         return torch.einsum("end,ne->nd", y.float(), gates).type_as(x)
@@ -476,9 +459,8 @@ class DeepSeekV3(nn.Module):
 
     @torch.no_grad()
     def _init_weights(self, module):
-        # GPT-2/nanoGPT: N(0, 0.02) for every matrix, and the projections that write into the residual
-        # stream (attention output, FFN and expert down-projections) scaled by 1/sqrt(2 * layers) so
-        # the residual's variance doesn't grow with depth. Norm weights stay 1.
+        # GPT-2/nanoGPT: N(0, 0.02) for every matrix; those writing into the residual stream (wo, w2) get
+        # 1/sqrt(2 * layers) of that, so the residual's variance doesn't grow with depth. Norms stay 1.
         resid_std = 0.02 / math.sqrt(2 * (self.args.n_layer + self.args.mtp_depth))
         for name, p in module.named_parameters(recurse=False):
             if p.dim() >= 2:  # (the only matrix named w2 that is not a Linear's: the experts')
@@ -512,8 +494,7 @@ class DeepSeekV3(nn.Module):
         if self.training and self.args.mtp_depth > 0 and T > self.args.mtp_depth:
             # Depth k at position t sees h^{k-1}_t and token t+k, and predicts token t+k+1
             # (= targets[t+k]). All positions at once: the decoder is never run token by token.
-            mtp_losses = []
-            hk = h
+            mtp_losses, hk = [], h
             for k, mod in enumerate(self.mtp, start=1):
                 emb = self.tok_emb(idx[:, k:])
                 hk, hn, counts, a = self.run_block(mod, hk[:, :T - k], emb, cos[:T - k], sin[:T - k])
@@ -540,9 +521,9 @@ class DeepSeekV3(nn.Module):
     # ---- the auxiliary-loss-free balancing step ------------------------------------------------
     @torch.no_grad()
     def update_expert_bias(self, scale=None):
-        """Once per optimizer step: b_i += speed * sign(mean_load - load_i) from the tokens counted since
-        the last call (summed over ranks), re-centred; the counts are cleared. No host sync: `scale` (0-d, 0
-        or 1) lets optimizer_step skip a non-finite step's update. Returns the mean MaxVio (max/mean - 1)."""
+        """Once per optimizer step: b_i += speed * sign(mean_load - load_i) over the tokens counted (all
+        ranks) since the last call (then cleared), re-centred. `scale` (0-d, 0 or 1) skips it without a
+        host sync. Returns the mean MaxVio (max/mean - 1)."""
         layers = self.moe_layers()
         if not layers:
             return None
@@ -563,15 +544,13 @@ class DeepSeekV3(nn.Module):
 
     # ---- inference with the compressed MLA cache -------------------------------------------------
     def make_cache(self, batch_size, max_len=None, device=None, dtype=torch.float32):
-        """Per layer (main blocks, then MTP blocks): kv latent (B, S, kv_lora_rank) and rotary key
-        (B, S, qk_rope_head_dim). That is all MLA needs to remember."""
+        """Per layer (main, then MTP): kv latent (B, S, kv_lora_rank), rotary key (B, S, qk_rope_head_dim)."""
         a = self.args
-        S = max_len or a.block_size
-        L = a.n_layer + a.mtp_depth
-        device = device or self.tok_emb.weight.device
+        shape = (batch_size, max_len or a.block_size)
+        kw = dict(device=device or self.tok_emb.weight.device, dtype=dtype)
         # separate tensors, not views of one: a compiled step then mutates inputs that alias nothing
-        return [(torch.zeros(batch_size, S, a.kv_lora_rank, device=device, dtype=dtype),
-                 torch.zeros(batch_size, S, a.qk_rope_head_dim, device=device, dtype=dtype)) for _ in range(L)]
+        return [(torch.zeros(*shape, a.kv_lora_rank, **kw), torch.zeros(*shape, a.qk_rope_head_dim, **kw))
+                for _ in range(a.n_layer + a.mtp_depth)]
 
     def cache_bytes_per_token(self, dtype=torch.bfloat16):
         """(MLA cache, an uncompressed per-head K/V cache) in bytes per token, main model."""
@@ -587,13 +566,10 @@ class DeepSeekV3(nn.Module):
 
     @torch.no_grad()
     def forward_cached(self, idx, cache, start_pos=0):
-        """Run new tokens idx (B, T) at positions start_pos.. against the cache, which they extend.
-        Returns logits (B, T, vocab) and the final-normed hidden states (B, T, d) for the MTP.
-        start_pos is an int or a 0-dim long tensor on the device; either way the step has fixed shapes
-        and no host sync, so a CUDA graph can capture it once and replay it at every position (the
-        caller keeps start_pos + T <= block_size)."""
-        B, T = idx.shape
-        cos, sin = self.rope_at(start_pos, T)
+        """Run new tokens idx (B, T) at positions start_pos.. against the cache, which they extend. Returns
+        logits (B, T, vocab) and the final-normed hidden states (B, T, d) for the MTP. start_pos may be a
+        0-dim device tensor (no host sync: CUDA-graphable); callers keep start_pos + T <= block_size."""
+        cos, sin = self.rope_at(start_pos, idx.shape[1])
         x = self.tok_emb(idx)
         for i, block in enumerate(self.blocks):
             x = block(x, cos, sin, cache[i], start_pos)[0]
@@ -641,18 +617,15 @@ class DeepSeekV3(nn.Module):
 
     @torch.no_grad()
     def optimizer_step(self, optimizer, grad_norm):
-        """The optimizer step, then the expert-bias update, both skipped on the device when grad_norm
-        is not finite: fused AdamW (configure_optimizers) leaves parameters, moments and its step
-        count alone when found_inf is 1, GradScaler's mechanism. No host sync. Returns (finite, as a
-        0-d float tensor, and the mean MaxVio)."""
+        """The optimizer step and the expert-bias update, both skipped without a host sync when grad_norm
+        is not finite (fused AdamW honours found_inf, as for GradScaler). Returns (finite 0-d, MaxVio)."""
         finite = torch.isfinite(grad_norm).float()
         optimizer.found_inf = 1.0 - finite
         optimizer.step()
         return finite, self.update_expert_bias(finite)
 
     def configure_optimizers(self, weight_decay, learning_rate, betas):
-        """AdamW; weight decay on matrices (2-D and the 3-D expert stacks) only, never on norms.
-        The expert bias is a buffer, so the optimizer never sees it."""
+        """AdamW; weight decay on matrices only (2-D and the 3-D expert stacks), never on norms."""
         params = [p for p in self.parameters() if p.requires_grad]
         groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
                   {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
@@ -668,22 +641,20 @@ class CheckpointError(ValueError):
 
 
 def load_checkpoint(path, map_location="cpu"):
-    """-> (DeepSeekV3 with the checkpoint's weights, the checkpoint dict). Every way a file can be
-    wrong becomes a CheckpointError with a one-line message."""
-    import os
+    """-> (DeepSeekV3 with the checkpoint's weights, the checkpoint dict); bad files raise CheckpointError."""
     if not os.path.isfile(path):
         raise CheckpointError(f"no checkpoint at {path} (train one with train.py, or point out_dir at one)")
     try:
         ckpt = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as e:  # truncated, corrupt, or not a torch file at all
-        msg = str(e).strip().splitlines()[0].split(". ")[0] if str(e).strip() else type(e).__name__
-        raise CheckpointError(f"checkpoint {path} is unreadable (truncated or corrupt?): {msg[:160]}") from None
+        msg = (str(e).strip().splitlines() or [type(e).__name__])[0].split(". ")[0][:160]
+        raise CheckpointError(f"checkpoint {path} is unreadable (truncated or corrupt?): {msg}") from None
     if not isinstance(ckpt, dict) or "model" not in ckpt or "model_args" not in ckpt:
         raise CheckpointError(f"{path} is not a checkpoint of this project (no 'model'/'model_args')")
-    names = {f.name for f in fields(ModelArgs)}
-    unknown = sorted(set(ckpt["model_args"]) - names)
+    unknown = sorted(set(ckpt["model_args"]) - {f.name for f in fields(ModelArgs)})
     if unknown:
-        raise CheckpointError(f"{path} is from a different architecture (unknown model args: {', '.join(unknown[:5])})")
+        raise CheckpointError(f"{path} is from a different architecture "
+                              f"(unknown model args: {', '.join(unknown[:5])})")
     try:
         args = ModelArgs(**ckpt["model_args"])
     except (ValueError, TypeError) as e:
@@ -693,7 +664,6 @@ def load_checkpoint(path, map_location="cpu"):
     sd = {k.removeprefix("_orig_mod.").removeprefix("module."): v for k, v in ckpt["model"].items()}
     missing, unexpected = model.load_state_dict(sd, strict=False)
     if missing or unexpected:
-        what = (missing or unexpected)[0]
         raise CheckpointError(f"{path} does not match its model args ({len(missing)} missing, "
-                              f"{len(unexpected)} unexpected weights, e.g. {what})")
+                              f"{len(unexpected)} unexpected weights, e.g. {(missing or unexpected)[0]})")
     return model, ckpt
