@@ -327,13 +327,15 @@ def test_ctrl_c_abandons_an_eval_at_once(tmp, popen_train):
     assert err.startswith("SIGINT: stopping") and err.count("\n") == 1, err
     assert not (tmp / "fresh").exists()
 
-    run_train(tmp, "--max_iters=2", "--eval_interval=1000")
+    # a run saved at iters 1, 2 and 3; its iter-2 checkpoint (ckpt.prev.pt) is resumed and stopped at 3
+    run_train(tmp, "--max_iters=3", "--eval_interval=1", "--always_save_checkpoint=True", f"--out_dir={tmp / 'ref'}")
+    (tmp / "out").mkdir()
+    shutil.copy(tmp / "ref" / "ckpt.prev.pt", tmp / "out" / "ckpt.pt")
     proc = popen_train(f"--out_dir={tmp / 'out'}", "--init_from=resume", "--max_iters=6", *slow_eval)
     wait_for(proc, "eval at iter 3: train batch")  # a long eval shows its progress
     proc.send_signal(signal.SIGINT)
     out, err = proc.communicate(timeout=30)
     assert proc.returncode == 0 and "saved checkpoint" in out, err
-    run_train(tmp, "--max_iters=3", "--eval_interval=1000", f"--out_dir={tmp / 'ref'}")
     got, ref = (torch.load(tmp / d / "ckpt.pt", weights_only=False) for d in ("out", "ref"))
     assert got["iter_num"] == ref["iter_num"] == 3
 
