@@ -72,7 +72,8 @@ config = {k: v for k, v in globals().items() if k[0] != "_" and isinstance(v, (i
 
 # ---- distributed setup -----------------------------------------------------------------------
 ddp = "RANK" in os.environ  # under torchrun
-rank, local_rank, world_size = [int(os.environ[k]) for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE")] if ddp else [0, 0, 1]
+rank, local_rank = int(os.environ.get("RANK", 0)), int(os.environ.get("LOCAL_RANK", 0))
+world_size = int(os.environ.get("WORLD_SIZE", 1)) if ddp else 1
 # the ranks form rank_groups groups of `share`: the ranks of a group split one micro-batch in slices
 rank_groups = math.gcd(gradient_accumulation_steps, world_size)
 share = world_size // rank_groups
@@ -187,23 +188,21 @@ def on_signal(signum, frame):
 
 signal.signal(signal.SIGINT, on_signal)
 signal.signal(signal.SIGTERM, on_signal)
-if init_from == "scratch":
-    model = DeepSeekV3(margs)
-else:
+if init_from == "resume":
     try:
-        model, ckpt = load_checkpoint(ckpt_path)
+        old, ckpt = load_checkpoint(ckpt_path)
     except CheckpointError as e:
         die(f"init_from='resume': {e}")
-    if diff := margs.differences(model.args):  # training-only knobs may change on resume (fine-tuning)
+    if diff := margs.differences(old.args):  # training-only knobs may change on resume (fine-tuning)
         die(f"{ckpt_path} is a different architecture than the config asks for: "
-            + ", ".join(f"{k}={getattr(model.args, k)!r} (config: {getattr(margs, k)!r})" for k in diff[:4]))
+            + ", ".join(f"{k}={getattr(old.args, k)!r} (config: {getattr(margs, k)!r})" for k in diff[:4]))
     iter_num, best_val_loss = int(ckpt.get("iter_num", 0)), float(ckpt.get("best_val_loss", 1e9))
     if iter_num >= max_iters and not eval_only:  # a finished run: nothing to train, nothing to write
         print(f"{ckpt_path} has done all max_iters={max_iters} steps: nothing to do (raise max_iters)")
         sys.exit(0)
-    if model.args != margs:  # same architecture, new training knobs: rebuild with this run's
-        sd, model = model.state_dict(), DeepSeekV3(margs)
-        model.load_state_dict(sd)
+model = DeepSeekV3(margs)  # (on resume: with this run's training knobs, and the checkpoint's weights)
+if ckpt is not None:
+    model.load_state_dict(old.state_dict())
 if wandb_log and master and not eval_only:
     try:
         import wandb
@@ -247,10 +246,11 @@ if fsdp:
 optimizer = model.configure_optimizers(weight_decay, learning_rate, (beta1, beta2))
 if ckpt is not None:
     if "optimizer" in ckpt:  # stored unsharded and keyed by parameter name: loads at any world size
-        set_optimizer_state_dict(model, optimizer, ckpt["optimizer"], options=StateDictOptions(full_state_dict=True))
+        set_optimizer_state_dict(model, optimizer, ckpt["optimizer"],
+                                 options=StateDictOptions(full_state_dict=True))
     elif master:
         print("note: the checkpoint has no optimizer state; starting a fresh optimizer")
-ckpt = None  # free the memory
+ckpt = old = None  # free the memory
 if compile and not fsdp:
     model = torch.compile(model, dynamic=False)  # fixed shapes: no recompiles into dynamic ones
 if ddp and not fsdp:
@@ -261,8 +261,8 @@ if ddp and not fsdp:
 
 
 def read_flags(stop=torch.zeros((), device=device)):
-    """Reports each step of `unread` (numbers, finite flags) that was skipped, stops the run after max_bad_steps
-    in a row; -> whether a signal has reached any rank (all ranks look after the same steps: they stop together)."""
+    """Reports each skipped step of `unread` (step numbers, finite flags), stops the run after max_bad_steps
+    in a row; -> whether a signal reached any rank (all ranks look at the same points: they stop together)."""
     global bad_steps
     stop.fill_(float(stop_signal is not None))  # fill_, never torch.tensor(..., device): no sync
     if ddp:
@@ -318,10 +318,11 @@ def save_checkpoint():
     saved_iter = iter_num
     opts = StateDictOptions(full_state_dict=True, cpu_offload=True)
     ck = {"model": get_model_state_dict(raw_model, options=opts),
-          "optimizer": get_optimizer_state_dict(raw_model, optimizer, options=opts)}
+          "optimizer": get_optimizer_state_dict(raw_model, optimizer, options=opts),
+          "model_args": asdict(raw_model.args), "iter_num": iter_num, "best_val_loss": best_val_loss,
+          "config": config}
     if not master:
         return
-    ck.update(model_args=asdict(raw_model.args), iter_num=iter_num, best_val_loss=best_val_loss, config=config)
     os.makedirs(out_dir, exist_ok=True)
     with open(ckpt_path + ".tmp", "wb") as f:
         torch.save(ck, f)
@@ -381,7 +382,7 @@ while True:
         loss.backward()
         loss_sum += loss.detach()
     # the gradient norm (clipped if grad_clip > 0) also tells us whether the step is finite
-    norm = torch.nn.utils.clip_grad_norm_(raw_model.parameters(), grad_clip if grad_clip > 0 else float("inf"))
+    norm = torch.nn.utils.clip_grad_norm_(raw_model.parameters(), grad_clip if grad_clip > 0 else math.inf)
     if hasattr(norm, "full_tensor"):  # FSDP: a DTensor
         norm = norm.full_tensor()
     finite, maxvio = raw_model.optimizer_step(optimizer, norm)  # a non-finite step is skipped on the device
