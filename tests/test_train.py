@@ -345,11 +345,12 @@ def test_ctrl_c_abandons_an_eval_at_once(tmp, popen_train):
 def test_ctrl_c_in_a_long_step_saves_it_and_a_second_one_quits_at_once(tmp, popen_train):
     """Ctrl-C in a long step (the flagship's takes ~51 s on a CPU) stops the run at the end of that step,
     saved (not one step later); a second Ctrl-C ends the process at once, without a traceback."""
-    proc = popen_train(f"--out_dir={tmp / 'one'}", "--gradient_accumulation_steps=30")
-    wait_for(proc, "iter 0: eval ce")  # inside step 0 now
+    # (no log line after step 1: on the CPU the host looks at every step's flags, not only at a log line's)
+    proc = popen_train(f"--out_dir={tmp / 'one'}", "--gradient_accumulation_steps=30", "--log_interval=1000")
+    wait_for(proc, "iter 0: loss")  # inside step 1 now
     proc.send_signal(signal.SIGINT)
     out, err = proc.communicate(timeout=120)
-    assert proc.returncode == 0 and load_checkpoint(str(tmp / "one" / "ckpt.pt"))[1]["iter_num"] == 1, out + err
+    assert proc.returncode == 0 and load_checkpoint(str(tmp / "one" / "ckpt.pt"))[1]["iter_num"] == 2, out + err
 
     proc = popen_train(f"--out_dir={tmp / 'two'}", "--gradient_accumulation_steps=5000")
     wait_for(proc, "iter 0: eval ce")
