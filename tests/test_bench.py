@@ -56,7 +56,7 @@ def test_bench_times_the_step_train_py_takes(tmp_path, monkeypatch):
     monkeypatch.chdir(REPO)
     monkeypatch.setattr(sys, "argv", ["train.py", *TINY, f"--data_dir={tmp_path / 'data'}", "--eval_iters=1",
                                       f"--out_dir={tmp_path / 'out'}", "--max_iters=2", "--warmup_iters=0",
-                                      "--learning_rate=1e-4", "--min_lr=1e-4"])  # bench's AdamW settings are train.py's defaults
+                                      "--learning_rate=1e-4", "--min_lr=1e-4"])  # bench's AdamW: lr 1e-4
     with contextlib.redirect_stdout(io.StringIO()):
         t = runpy.run_path(str(REPO / "train.py"), run_name="__main__")
     model_args = [a for a in TINY if not a.startswith(("--eval", "--log", "--warmup"))]

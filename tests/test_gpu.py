@@ -1,6 +1,6 @@
 """What only a CUDA GPU can check (skipped without one; `python -m pytest tests/` on a GPU machine runs it):
 the grouped-GEMM experts against the dense reference under bf16 autocast, and train.py's step compiled as
-one graph (fullgraph) that never makes the host wait: no sync in forward, backward, clipping, optimizer step."""
+one graph (fullgraph) that never makes the host wait (no sync in forward, backward, clipping, optimizer)."""
 from dataclasses import replace
 
 import pytest
