@@ -248,6 +248,8 @@ if ckpt is not None:
     if "optimizer" in ckpt:  # stored unsharded and keyed by parameter name: loads at any world size
         set_optimizer_state_dict(model, optimizer, ckpt["optimizer"],
                                  options=StateDictOptions(full_state_dict=True))
+        for group in optimizer.param_groups:  # an older checkpoint's unfused AdamW loses: the step needs
+            group["fused"], group["foreach"] = True, None  # fused AdamW's found_inf to skip a bad step
     elif master:
         print("note: the checkpoint has no optimizer state; starting a fresh optimizer")
 ckpt = old = None  # free the memory
