@@ -1,10 +1,10 @@
 """
-Benchmark the training step (the one train.py runs) on synthetic tokens, nanoGPT-bench style.
+Benchmark train.py's training step on synthetic tokens, nanoGPT-bench style (a train.py config file gives
+the model and batch_size). Prints ms/step, tokens/s, MFU (against the H100's 989 TFLOP/s bf16 peak and a
+matmul peak measured here), peak memory, and on CUDA the step's GPU time by part. With sample=True it
+measures generation too. The GPU's correctness checks are tests/test_gpu.py.
     python bench.py                                   # the 16x4 flagship and its dense twin
     python bench.py config/tinystories_debug.py --device=cpu --steps=3   # CPU smoke test
-Prints ms/step, tokens/s, MFU (against the H100's 989 TFLOP/s bf16 peak and against a matmul peak
-measured here), peak memory, and a breakdown of the step by part, each part timed on its own.
-With sample=True it also measures generation (prefill, cached decode, speculative decoding).
 """
 
 import json
@@ -27,28 +27,23 @@ compile = None             # None = on CUDA only
 steps = 30                 # timed steps (after warmup)
 warmup = 8
 twin = True                # also bench the dense twin (same active FFN width, no routing)
-breakdown = True           # time each part of the step on its own
+breakdown = True           # CUDA: the step's GPU time by part, from a profile of 3 steps
 use_liger = False          # also bench with Liger's fused linear cross-entropy, if installed
-cudnn_first = False        # put cuDNN attention first in SDPA's priority (takes MLA's 96/64 dims)
-check = True               # on CUDA: grouped experts vs the dense reference, no-sync and fullgraph checks
 out_json = ""              # write all numbers here too
-profile_file = ""          # write a torch.profiler table of the 16x4 step's kernels here
+profile_file = ""          # CUDA: write the profile's table of the 16x4 step's kernels here
 train = True               # benchmark the training step
 sample = False             # benchmark generation (prefill, cached decode, speculative decoding)
 ckpt = ""                  # sample: a trained checkpoint (acceptance rates need one); else random weights
+data_dir = ""              # sample: the prompt is the first 16 tokens of data_dir/val.bin (else random)
 gen_tokens = 256           # sample: new tokens per generation
 decode_modes = "eager,graph,compiled_graph"  # sample: the ways to run a decode step (graphs: CUDA only)
 fp32_check = True          # sample, CUDA: plain vs speculative greedy again in fp32 (no TF32)
 peak_flops = 989e12        # H100 SXM bf16 dense
 globals().update({f.name: f.default for f in fields(ModelArgs)})
-# train.py knobs that config files set; accepted here so the same configs work, and unused
-out_dir = data_dir = wandb_project = wandb_run_name = ""
-gradient_accumulation_steps = max_iters = lr_decay_iters = eval_interval = eval_iters = log_interval = warmup_iters = 0
-learning_rate = min_lr = weight_decay = 0.0
 # -----------------------------------------------------------------------------
 from configurator import configure  # noqa: E402
 
-configure(globals())
+configure(globals(), only_known=True)  # (a train.py config's other knobs are train.py's)
 for path in filter(None, (out_json, profile_file)):  # checked before the benchmark runs, not after it
     try:
         existed = os.path.exists(path)
@@ -65,14 +60,8 @@ if dtype == "auto":
 if compile is None:
     compile = device_type == "cuda"
 torch.manual_seed(seed)
-torch.backends.cuda.matmul.allow_tf32 = True
+torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True  # as train.py
 ctx = torch.autocast(device_type, dtype=torch.bfloat16) if dtype == "bfloat16" else nullcontext()
-if device_type == "cuda" and cudnn_first:
-    from torch.nn.attention import SDPBackend, sdpa_kernel
-    sdpa_ctx = lambda: sdpa_kernel([SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION,  # noqa: E731
-                                    SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH], set_priority=True)
-else:
-    sdpa_ctx = nullcontext
 base = ModelArgs(**{f.name: globals()[f.name] for f in fields(ModelArgs)})
 B, T = batch_size, base.block_size
 results = {"device": torch.cuda.get_device_name() if device_type == "cuda" else "cpu",
@@ -85,38 +74,22 @@ def sync():
 
 
 def timeit(fn, n=steps, w=warmup):
-    """Median ms of fn() over n runs after w warm-ups; CUDA events on the GPU."""
+    """Median ms of fn() over n runs after w warm-ups, each timed from an idle device to an idle device."""
     for _ in range(w):
         fn()
-    sync()
     ts = []
     for _ in range(n):
-        if device_type == "cuda":
-            a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            a.record()
-            fn()
-            b.record()
-            b.synchronize()
-            ts.append(a.elapsed_time(b))
-        else:
-            t0 = time.perf_counter()
-            fn()
-            ts.append((time.perf_counter() - t0) * 1000)
+        sync()
+        t0 = time.perf_counter()
+        fn()
+        sync()
+        ts.append((time.perf_counter() - t0) * 1000)
     return statistics.median(ts)
 
 
-def matmul_peak():
-    if device_type != "cuda":
-        return None
-    n = 8192
-    a, b = torch.randn(n, n, device=device, dtype=torch.bfloat16), torch.randn(n, n, device=device, dtype=torch.bfloat16)
-    ms = timeit(lambda: a @ b, n=20, w=5)
-    return 2 * n ** 3 / (ms / 1000)
-
-
 def make_step(args, liger=False):
-    """The train.py step: compiled model, autocast, clipping, then model.optimizer_step (fused
-    AdamW and the expert-bias update, skipped on the device if the norm is not finite)."""
+    """train.py's step (tests/test_bench.py checks it): autocast forward and backward through the compiled
+    model, clipping, then model.optimizer_step (AdamW and the expert-bias update, skipped if not finite)."""
     torch.manual_seed(seed)
     model = DeepSeekV3(args).to(device)
     if liger:
@@ -127,61 +100,61 @@ def make_step(args, liger=False):
     opt = model.configure_optimizers(0.1, 1e-4, (0.9, 0.95))
     fwd = torch.compile(model, dynamic=False) if compile else model
     g = torch.Generator(device="cpu").manual_seed(seed)
-    x = torch.randint(0, args.vocab_size, (B, T), generator=g).to(device)
-    y = torch.randint(0, args.vocab_size, (B, T), generator=g).to(device)
+    x, y = (torch.randint(0, args.vocab_size, (B, T), generator=g).to(device) for _ in range(2))
 
     def step():
-        with ctx, sdpa_ctx():
+        with ctx:
             _, loss = fwd(x, y)
         loss.backward()
-        norm = torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        model.optimizer_step(opt, norm)
+        model.optimizer_step(opt, torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0))
         opt.zero_grad(set_to_none=True)
-    return model, opt, step, x, y
+    return model, step, x, y
 
 
 def bench_step(name, args, liger=False):
-    model, opt, step, x, y = make_step(args, liger)
+    model, step = make_step(args, liger)[:2]
     if device_type == "cuda":
         torch.cuda.reset_peak_memory_stats()
     ms = timeit(step)
     tok_s = B * T / (ms / 1000)
-    fpt = model.estimate_flops_per_token(T)
-    r = {"ms": ms, "tok_s": tok_s, "flops_per_token": fpt, "mfu": fpt * tok_s / peak_flops,
-         "params": model.get_num_params(),
+    r = {"ms": ms, "tok_s": tok_s, "flops_per_token": model.estimate_flops_per_token(T),
+         "mfu": model.estimate_mfu(tok_s, peak_flops, T), "params": model.get_num_params(),
          "peak_mem_gb": torch.cuda.max_memory_allocated() / 1e9 if device_type == "cuda" else None}
     if results.get("matmul_peak"):
-        r["mfu_vs_matmul"] = fpt * tok_s / results["matmul_peak"]
+        r["mfu_vs_matmul"] = model.estimate_mfu(tok_s, results["matmul_peak"], T)
     results[name] = r
     print(f"{name}: {ms:.1f} ms/step, {tok_s:,.0f} tok/s, MFU {r['mfu'] * 100:.1f}%"
           + (f", peak mem {r['peak_mem_gb']:.1f} GB" if r["peak_mem_gb"] else ""), flush=True)
-    if breakdown and device_type == "cuda" and not liger:
-        try:
-            parts = results[f"{name}_breakdown"] = part_timings(model, step)
-            parts["unattributed: launch gaps, copies, fills"] = max(0.0, ms - sum(parts.values()))
-            print(f"  the {ms:.1f} ms step by part (kernel times from a profile):")
-            for k, v in parts.items():
-                print(f"    {k:<66s} {v:7.2f} ms  {100 * v / ms:5.1f}%")
-        except Exception as e:
-            print(f"  breakdown failed: {type(e).__name__}: {str(e)[:300]}")
-    return model, opt, step
-
-
-def part_timings(model, step):
-    """Where the GPU time of the real step goes, from a profile of 3 steps: GEMMs and attention are
-    attributed by the aten op that launched them (and its shapes), the fused Triton kernels by name."""
+    if device_type != "cuda" or liger or not (breakdown or profile_file and name == "moe"):
+        return
     from torch.profiler import ProfilerActivity, profile
-    a = model.args
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA], record_shapes=True) as prof:
         for _ in range(3):
             step()
         sync()
+    if profile_file and name == "moe":
+        with open(profile_file, "w") as f:
+            f.write(prof.key_averages().table(sort_by="cuda_time_total", row_limit=60,
+                                              max_name_column_width=90))
+    if breakdown:
+        parts = results[f"{name}_breakdown"] = part_timings(prof, model.args)
+        parts["unattributed: launch gaps, copies, fills"] = max(0.0, ms - sum(parts.values()))
+        print(f"  the {ms:.1f} ms step by part (kernel times from a profile):")
+        for k, v in parts.items():
+            print(f"    {k:<66s} {v:7.2f} ms  {100 * v / ms:5.1f}%")
+
+
+def matmul_peak(n=8192):
+    a, b = (torch.randn(n, n, device=device, dtype=torch.bfloat16) for _ in range(2))
+    return 2 * n ** 3 / (timeit(lambda: a @ b, n=20, w=5) / 1000)
+
+
+def part_timings(prof, a):
+    """Where the GPU time of 3 profiled steps goes, per step: GEMMs and attention are attributed by the
+    aten op that launched them (and its shapes), the fused Triton kernels by name."""
     dense_dims = {a.inter_dim, 2 * a.inter_dim}
     shared_dims = {a.n_shared_experts * a.moe_inter_dim, 2 * a.n_shared_experts * a.moe_inter_dim}
     parts = {}
-
-    def add(k, us):
-        parts[k] = parts.get(k, 0.0) + us / 3000.0  # us over 3 steps -> ms per step
     for e in prof.events():
         if e.device_type.name == "CPU" and e.kernels and e.name.startswith("aten::"):
             dims = {d for s in (e.input_shapes or []) for d in (s or [])}
@@ -201,54 +174,16 @@ def part_timings(model, step):
                 k = "optimizer"
             else:
                 continue
-            for kern in e.kernels:
-                add(k, kern.duration)
+            us = sum(kern.duration for kern in e.kernels)
         elif e.device_type.name == "CUDA" and e.name.startswith("triton"):
             # inductor's fused kernels: launched from compiled code, not by an aten op
             k = ("cross-entropy (fused Triton)" if "log_softmax" in e.name else
                  "elementwise: norms, RoPE, SiLU, dispatch/combine, casts (Triton)")
-            add(k, e.device_time_total if hasattr(e, "device_time_total") else e.cuda_time_total)
+            us = e.device_time_total if hasattr(e, "device_time_total") else e.cuda_time_total
+        else:
+            continue
+        parts[k] = parts.get(k, 0.0) + us / 3000.0  # us over 3 steps -> ms per step
     return dict(sorted(parts.items(), key=lambda kv: -kv[1]))
-
-
-def checks(args):
-    """Correctness and compile-hygiene checks that need the GPU."""
-    out = {}
-    a = replace(args, n_layer=2, mtp_depth=1)
-    from model import MoE
-    torch.manual_seed(0)
-    moe = MoE(a).to(device)
-    ref = MoE(replace(a, moe_impl="dense")).to(device)
-    ref.load_state_dict(moe.state_dict())
-    x = torch.randn(8, 256, a.n_embd, device=device)
-    for name, m in (("grouped", moe), ("dense", ref)):
-        xx = x.clone().requires_grad_(True)
-        with ctx:
-            yy = m(xx)[0]
-        yy.float().square().mean().backward()
-        out[name] = (yy.float(), xx.grad.clone(), m.w1.grad.clone())
-    rel = lambda p, q: ((p - q).norm() / q.norm()).item()  # noqa: E731
-    out_rel = {"y": rel(out["grouped"][0], out["dense"][0]), "dx": rel(out["grouped"][1], out["dense"][1]),
-               "dw1": rel(out["grouped"][2], out["dense"][2])}
-    print(f"check: grouped vs dense (bf16 autocast) rel err y {out_rel['y']:.2e}, dx {out_rel['dx']:.2e}, "
-          f"dw1 {out_rel['dw1']:.2e}")
-    # fullgraph compile of the training forward+backward, and no host syncs in it
-    model = DeepSeekV3(a).to(device)
-    cm = torch.compile(model, fullgraph=True, dynamic=False)
-    xi = torch.randint(0, a.vocab_size, (4, 128), device=device)
-    for i in range(3):
-        if i == 2:
-            torch.cuda.set_sync_debug_mode("error")
-        try:
-            with ctx, sdpa_ctx():
-                loss = cm(xi, xi)[1]
-            loss.backward()
-            model.update_expert_bias()
-        finally:
-            torch.cuda.set_sync_debug_mode(0)
-    print("check: torch.compile(fullgraph=True) fwd+bwd OK; no host sync in fwd+bwd+bias update")
-    torch._dynamo.reset()
-    return {"grouped_vs_dense_rel": out_rel, "fullgraph": True, "no_sync": True}
 
 
 def bench_sample():
@@ -309,14 +244,10 @@ def bench_sample():
                     plain = y
 
     a = model.args
-    with torch.no_grad():
+    with torch.no_grad():  # prefill: half a block, once warm
         x = torch.randint(0, 50257, (1, a.block_size // 2), device=device)
-        model.forward_cached(x, model.make_cache(1, dtype=wdt), 0)
-        sync()
-        t0 = time.perf_counter()
-        model.forward_cached(x, model.make_cache(1, dtype=wdt), 0)
-        sync()
-        r["prefill_tok_s"] = x.shape[1] / (time.perf_counter() - t0)
+        ms = timeit(lambda: model.forward_cached(x, model.make_cache(1, dtype=wdt), 0), n=1, w=1)
+    r["prefill_tok_s"] = x.shape[1] / (ms / 1000)
     measure("", (1, 16))
     if device_type == "cuda" and fp32_check and modes.keys() - {"eager"}:
         model.float()  # fp32 without TF32: plain and speculative greedy must agree token for token here
@@ -339,50 +270,28 @@ if __name__ == "__main__":
         results["matmul_peak"] = matmul_peak()
         print(f"device: {results['device']}, torch {torch.__version__}, bf16 matmul peak "
               f"{results['matmul_peak'] / 1e12:.0f} TFLOP/s", flush=True)
-        if check:
-            try:
-                results["checks"] = checks(base)
-            except Exception as e:  # report, and still measure
-                print(f"check FAILED: {type(e).__name__}: {str(e)[:2000]}", flush=True)
-                results["checks"] = {"error": f"{type(e).__name__}: {str(e)[:500]}"}
     if sample:
         bench_sample()
-    if not train:
-        if out_json:
-            with open(out_json, "w") as f:
-                json.dump(results, f, indent=1)
-        raise SystemExit(0)
-    model, opt, step = bench_step("moe", base)
-    if profile_file and device_type == "cuda":
-        from torch.profiler import ProfilerActivity, profile
-        with profile(activities=[ProfilerActivity.CUDA]) as prof:
-            for _ in range(3):
-                step()
-            sync()
-        with open(profile_file, "w") as f:
-            f.write(prof.key_averages().table(sort_by="cuda_time_total", row_limit=60, max_name_column_width=90))
-    del model, opt, step
-    if use_liger:
-        try:
-            bench_step("moe_liger", base, liger=True)
-        except ImportError as e:
-            print(f"liger: not installed ({e})")
-        except Exception as e:
-            print(f"liger: FAILED {type(e).__name__}: {str(e).strip()[:300]}")
-    if twin and base.n_routed_experts > 0:
-        width = (base.n_shared_experts + base.n_activated_experts) * base.moe_inter_dim
-        twin_args = replace(base, n_routed_experts=0, n_shared_experts=0, inter_dim=width, n_dense_layers=base.n_layer)
-        bench_step("dense_twin", twin_args)
-        print(f"moe / dense twin throughput: {results['moe']['tok_s'] / results['dense_twin']['tok_s']:.3f}")
-    if out_json:
-        with open(out_json, "w") as f:
-            json.dump(results, f, indent=1)
-    # the table, last
-    print(f"\n| model | ms/step | tokens/s | MFU (989T) | MFU (measured matmul peak) | peak mem |")
-    print("|---|---|---|---|---|---|")
-    for k in ("moe", "moe_liger", "dense_twin"):
-        if k in results:
+    if train:
+        bench_step("moe", base)
+        if use_liger:
+            try:
+                bench_step("moe_liger", base, liger=True)
+            except Exception as e:  # (not installed, or its kernels fail here): report, and go on
+                print(f"liger: FAILED {type(e).__name__}: {str(e).strip()[:300]}")
+        if twin and base.n_routed_experts > 0:
+            width = (base.n_shared_experts + base.n_activated_experts) * base.moe_inter_dim
+            bench_step("dense_twin", replace(base, n_routed_experts=0, n_shared_experts=0, inter_dim=width,
+                                             n_dense_layers=base.n_layer))
+            ratio = results["moe"]["tok_s"] / results["dense_twin"]["tok_s"]
+            print(f"moe / dense twin throughput: {ratio:.3f}")
+        print("\n| model | ms/step | tokens/s | MFU (989T) | MFU (measured matmul peak) | peak mem |")
+        print("|---|---|---|---|---|---|")
+        for k in filter(results.__contains__, ("moe", "moe_liger", "dense_twin")):
             r = results[k]
             mm = f"{r['mfu_vs_matmul'] * 100:.1f}%" if r.get("mfu_vs_matmul") else "n/a"
             mem = f"{r['peak_mem_gb']:.1f} GB" if r["peak_mem_gb"] else "n/a"
             print(f"| {k} | {r['ms']:.1f} | {r['tok_s']:,.0f} | {r['mfu'] * 100:.1f}% | {mm} | {mem} |")
+    if out_json:
+        with open(out_json, "w") as f:
+            json.dump(results, f, indent=1)

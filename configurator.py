@@ -40,7 +40,7 @@ def set_knob(g, defaults, key, value, raw=None, where=""):
     g[key] = value
 
 
-def run_config_file(path, g, defaults):
+def run_config_file(path, g, defaults, only_known=False):
     ns, source = dict(g), None  # a copy of g, so a file that fails halfway changes nothing
     try:
         with open(path) as f:
@@ -52,8 +52,8 @@ def run_config_file(path, g, defaults):
                  + (f" (did you mean --{path}?)" if "=" in path and not os.path.exists(path) else ""))
         lines = [fr.lineno for fr in traceback.extract_tb(e.__traceback__) if fr.filename == path]
         fail(f"{path}{f':{lines[-1]}' if lines else ''}: {type(e).__name__}: " + " ".join(str(e).split()))
-    for k in knobs(ns):
-        if k not in g or g[k] is not ns[k]:  # (values it left alone are the very same objects)
+    for k in knobs(ns):  # (values it left alone are the very same objects)
+        if (k not in g and not only_known) or (k in g and g[k] is not ns[k]):
             set_knob(g, defaults, k, ns[k], where=f"{path}: ")
 
 
@@ -80,9 +80,9 @@ def show_help(g, caller):
     sys.exit(0)
 
 
-def configure(g, argv=None):
-    """Applies config files and --key=value in argv (default sys.argv[1:]) to g and, to a person at a
-    terminal, says what changed on stderr (where stderr is captured an error stays one line)."""
+def configure(g, argv=None, only_known=False):
+    """Applies config files and --key=value in argv (default sys.argv[1:]) to g (only_known: a file's keys
+    that g lacks are left out); to a person at a terminal, says what changed on stderr (captured: silent)."""
     argv = sys.argv[1:] if argv is None else argv
     before = {k: g[k] for k in knobs(g)}
     for i, arg in enumerate(argv):
@@ -90,7 +90,7 @@ def configure(g, argv=None):
         if arg in ("-h", "--help"):
             show_help(g, inspect.currentframe().f_back)
         elif not arg.startswith("-"):
-            run_config_file(arg, g, before)
+            run_config_file(arg, g, before, only_known)
         elif not arg.startswith("--"):
             fail(f"unrecognized argument '{arg}' (overrides look like --key=value)")
         elif key in before and not eq:  # '--key value', or a bool's '--key' alone

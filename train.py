@@ -53,7 +53,6 @@ weight_decay = 0.1
 beta1 = 0.9
 beta2 = 0.95
 grad_clip = 1.0                 # 0 disables clipping (the norm is still computed and logged)
-decay_lr = True
 warmup_iters = 500
 lr_decay_iters = 20000          # ~= max_iters per Chinchilla-style schedules
 min_lr = 1e-4                   # ~= learning_rate / 10
@@ -65,36 +64,25 @@ compile = None                  # torch.compile the model; None = on CUDA only, 
 use_checkpointing = False       # activation checkpointing per block: less memory, ~1/3 more compute
 use_liger = False               # Liger's fused linear cross-entropy (CUDA + liger-kernel installed)
 fsdp = False                    # under torchrun: shard params, grads and optimizer state per block (FSDP2)
-ddp_bucket_mb = 100             # DDP's all-reduce buckets; under compile each one also splits the graph
-reduce_dtype = "float32"        # gradients cross GPUs in this dtype (DDP, FSDP); 'bfloat16' halves the bytes
 # -----------------------------------------------------------------------------
-from configurator import configure  # noqa: E402
+from configurator import configure, fail as die  # noqa: E402  (die: one line on stderr, exit 2)
 
 configure(globals())
-config = {k: v for k, v in globals().items()
-          if not k.startswith("_") and isinstance(v, (int, float, bool, str))}
-
-
-def die(msg):
-    print(f"error: {msg}", file=sys.stderr)
-    sys.exit(2)
-
+config = {k: v for k, v in globals().items() if k[0] != "_" and isinstance(v, (int, float, bool, str))}
 
 # ---- distributed setup -----------------------------------------------------------------------
-ddp = int(os.environ.get("RANK", -1)) != -1
-if ddp:
-    rank, local_rank, world_size = int(os.environ["RANK"]), int(os.environ["LOCAL_RANK"]), int(os.environ["WORLD_SIZE"])
-    # the ranks form rank_groups groups of `share`: the ranks of a group split one micro-batch in slices
-    rank_groups = math.gcd(gradient_accumulation_steps, world_size)
-    share = world_size // rank_groups
-    if batch_size % share:
-        die(f"{gradient_accumulation_steps} micro-step(s) of batch_size={batch_size} cannot be shared out "
-            f"evenly over {world_size} ranks: make batch_size divisible by {share}")
-    gradient_accumulation_steps //= rank_groups
-else:
-    rank, local_rank, world_size, rank_groups, share = 0, 0, 1, 1, 1
-    if fsdp:
-        die("fsdp=True shards the model over processes: launch with torchrun (e.g. --nproc_per_node=2)")
+ddp = "RANK" in os.environ  # under torchrun
+rank, local_rank = int(os.environ.get("RANK", 0)), int(os.environ.get("LOCAL_RANK", 0))
+world_size = int(os.environ.get("WORLD_SIZE", 1)) if ddp else 1
+# the ranks form rank_groups groups of `share`: the ranks of a group split one micro-batch in slices
+rank_groups = math.gcd(gradient_accumulation_steps, world_size)
+share = world_size // rank_groups
+if batch_size % share:
+    die(f"{gradient_accumulation_steps} micro-step(s) of batch_size={batch_size} cannot be shared out "
+        f"evenly over {world_size} ranks: make batch_size divisible by {share}")
+if fsdp and not ddp:
+    die("fsdp=True shards the model over processes: launch with torchrun (e.g. --nproc_per_node=2)")
+gradient_accumulation_steps //= rank_groups
 rows = batch_size // share  # sequences per rank per micro-step
 rank_group, part = rank // share, rank % share  # which micro-steps this rank runs, which slice of them
 master = rank == 0
@@ -102,26 +90,21 @@ master = rank == 0
 # ---- device and precision --------------------------------------------------------------------
 if device == "auto":
     device = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
-if device.startswith("cuda") and not torch.cuda.is_available():
-    die(f"device='{device}' but CUDA is not available (use --device=cpu or --device=auto)")
-if device == "mps" and not torch.backends.mps.is_available():
-    die("device='mps' but MPS is not available")
-if ddp and device.startswith("cuda"):
+device_type = device.split(":")[0]
+if {"cuda": not torch.cuda.is_available(), "mps": not torch.backends.mps.is_available()}.get(device_type):
+    die(f"device='{device}' but {device_type.upper()} is not available (use --device=cpu or --device=auto)")
+if ddp and device_type == "cuda":
     device = f"cuda:{local_rank}"
     torch.cuda.set_device(device)
-device_type = "cuda" if device.startswith("cuda") else device
+bf16_ok = device_type == "cuda" and torch.cuda.is_bf16_supported()
 if dtype == "auto":
-    dtype = "bfloat16" if device_type == "cuda" and torch.cuda.is_bf16_supported() else "float32"
+    dtype = "bfloat16" if bf16_ok else "float32"
 if dtype not in ("float32", "bfloat16"):
     die(f"dtype='{dtype}' must be 'auto', 'float32' or 'bfloat16' (fp16 would need a grad scaler)")
-if dtype == "bfloat16" and not (device_type == "cuda" and torch.cuda.is_bf16_supported()):
+if dtype == "bfloat16" and not bf16_ok:
     die(f"dtype='bfloat16' needs a GPU that supports it; on {device} train in float32 (--dtype=float32)")
 if compile is None:
     compile = device_type == "cuda"
-if reduce_dtype not in ("float32", "bfloat16"):
-    die(f"reduce_dtype='{reduce_dtype}' must be 'float32' or 'bfloat16'")
-if reduce_dtype == "bfloat16" and ddp and not fsdp and device_type != "cuda":
-    die("reduce_dtype='bfloat16' with DDP needs CUDA (NCCL's bf16 all-reduce); gloo reduces in float32")
 if not isinstance(compile, bool):
     die(f"compile={compile!r} must be True, False or None (= on CUDA only)")
 torch.manual_seed(seed)  # the same initial weights on every rank (FSDP shards them as they are)
@@ -135,8 +118,7 @@ for split in ("train", "val"):
         die(f"{path} not found: run `python prepare.py` first (or --input FILES for local text)")
     if os.path.getsize(path) % 2:
         die(f"{path} is not a whole number of uint16 tokens (truncated?): re-run prepare.py")
-    n_tok = os.path.getsize(path) // 2
-    if n_tok <= batch_size * block_size:
+    if (n_tok := os.path.getsize(path) // 2) <= batch_size * block_size:
         die(f"{path} holds {n_tok} tokens, fewer than one batch (batch_size x block_size + 1 = "
             f"{batch_size * block_size + 1}): lower batch_size or block_size, or prepare more data")
 meta_path = os.path.join(data_dir, "meta.json")
@@ -159,8 +141,8 @@ def get_batch(split, it, micro):
     data = np.memmap(os.path.join(data_dir, f"{split}.bin"), dtype=np.uint16, mode="r")
     key = ((seed * 2 + (split == "val")) * 1_000_003 + it + 1) * 65_537 + micro  # no hash(): it is salted
     g = torch.Generator().manual_seed(key % 2**63)
-    ix = torch.randint(len(data) - block_size, (batch_size,), generator=g).tolist()[part * rows:(part + 1) * rows]
-    xy = np.stack([data[i:i + block_size + 1] for i in ix]).astype(np.int64)
+    ix = torch.randint(len(data) - block_size, (batch_size,), generator=g)[part * rows:(part + 1) * rows]
+    xy = np.stack([data[i:i + block_size + 1] for i in ix.tolist()]).astype(np.int64)
     if xy.max() >= vocab_size:
         die(f"{split}.bin holds token id {xy.max()} >= vocab_size={vocab_size}: wrong data or tokenizer")
     x, y = torch.from_numpy(xy[:, :-1]), torch.from_numpy(xy[:, 1:])
@@ -189,12 +171,12 @@ if master and not eval_only:  # out_dir, before any work (eval_only writes nothi
     if not (os.path.isdir(parent) and os.access(parent, os.W_OK | os.X_OK)):
         die(f"cannot write to out_dir={out_dir}: {parent} is not a writable folder (use another --out_dir)")
 
-# Ctrl-C or a cluster's SIGTERM: stop after the current step (saving it) or abandon the eval; a
-# second one quits at once (the default action), losing nothing saved: checkpoints are atomic
 stop_signal = None
 
 
 def on_signal(signum, frame):
+    """Ctrl-C or a cluster's SIGTERM: stop after the current step (saving it) or abandon the eval; a
+    second one quits at once (the default action), losing nothing saved: checkpoints are atomic."""
     global stop_signal
     stop_signal = signum
     signal.signal(signal.SIGINT, signal.SIG_DFL)
@@ -206,29 +188,21 @@ def on_signal(signum, frame):
 
 signal.signal(signal.SIGINT, on_signal)
 signal.signal(signal.SIGTERM, on_signal)
-if init_from == "scratch":
-    model = DeepSeekV3(margs)
-else:
+if init_from == "resume":
     try:
-        model, ckpt = load_checkpoint(ckpt_path)
+        old, ckpt = load_checkpoint(ckpt_path)
     except CheckpointError as e:
         die(f"init_from='resume': {e}")
-    theirs, ours = asdict(model.args), asdict(margs)
-    # training-only knobs may change on resume (fine-tuning); so may the YaRN knobs while YaRN is off
-    free = {"moe_impl", "dropout", "bias_update_speed", "seq_aux_alpha", "noisy_topk", "noise_std", "mtp_lambda"}
-    if ours["rope_factor"] == 1.0 and theirs["rope_factor"] == 1.0:
-        free |= {"original_seq_len", "beta_fast", "beta_slow", "mscale"}
-    diff = [k for k in ours if k not in free and ours[k] != theirs.get(k)]
-    if diff:
+    if diff := margs.differences(old.args):  # training-only knobs may change on resume (fine-tuning)
         die(f"{ckpt_path} is a different architecture than the config asks for: "
-            + ", ".join(f"{k}={theirs.get(k)!r} (config: {ours[k]!r})" for k in diff[:4]))
+            + ", ".join(f"{k}={getattr(old.args, k)!r} (config: {getattr(margs, k)!r})" for k in diff[:4]))
     iter_num, best_val_loss = int(ckpt.get("iter_num", 0)), float(ckpt.get("best_val_loss", 1e9))
     if iter_num >= max_iters and not eval_only:  # a finished run: nothing to train, nothing to write
         print(f"{ckpt_path} has done all max_iters={max_iters} steps: nothing to do (raise max_iters)")
         sys.exit(0)
-    if asdict(model.args) != ours:  # same architecture, new training knobs: rebuild with this run's
-        sd, model = model.state_dict(), DeepSeekV3(margs)
-        model.load_state_dict(sd)
+model = DeepSeekV3(margs)  # (on resume: with this run's training knobs, and the checkpoint's weights)
+if ckpt is not None:
+    model.load_state_dict(old.state_dict())
 if wandb_log and master and not eval_only:
     try:
         import wandb
@@ -239,29 +213,31 @@ if wandb_log and master and not eval_only:
         die(f"wandb_log=True: {str(e).strip().splitlines()[0]} (or log offline: WANDB_MODE=offline)")
 if ddp:
     dist.init_process_group(backend="nccl" if device_type == "cuda" else "gloo")
+if master:
+    n = model.get_num_params()
+    print(f"parameters: {n['total'] / 1e6:.2f}M total, {n['active'] / 1e6:.2f}M active per token, "
+          f"{n['embedding'] / 1e6:.2f}M embedding, {n['mtp'] / 1e6:.2f}M in MTP")
+    print(f"tokens per iteration: {tokens_per_iter:,} ({world_size} rank(s) x {gradient_accumulation_steps} "
+          f"micro-steps x {rows} x {block_size})")
 saved_iter = iter_num  # the checkpoint holds this state (or, from scratch, there is nothing to save)
-n, flops_per_token = model.get_num_params(), model.estimate_flops_per_token()  # before sharding
-torch.manual_seed(seed + rank + 1000 * iter_num)  # from here on (dropout, noise) each rank differs
 model.to(device)
 model.use_checkpointing = use_checkpointing
-if use_liger:
+if use_liger:  # Liger's kernels don't trace under torch.compile (torch 2.11): they run eagerly in the graph
     try:
         if device_type != "cuda":
             raise ImportError("needs CUDA")
         from liger_kernel.transformers import LigerFusedLinearCrossEntropyLoss
         _flce = LigerFusedLinearCrossEntropyLoss()
-        # Liger's kernels don't trace under torch.compile (torch 2.11): they run eagerly in the graph
         model.fused_ce = torch.compiler.disable(lambda w, h, t: _flce(w, h, t))
     except ImportError as e:
         if master:
             print(f"note: use_liger=True but Liger kernels are unavailable ({e}); using plain PyTorch")
 raw_model = model
 if fsdp:
-    # FSDP2: each block (and MTP module) is one unit: its parameters are gathered just before its
-    # forward/backward and freed after; gradients are reduce-scattered in fp32
+    # FSDP2: each block (and MTP module) is one unit, gathered just before its forward/backward, freed after
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
     mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16 if dtype == "bfloat16" else torch.float32,
-                              reduce_dtype=getattr(torch, reduce_dtype))
+                              reduce_dtype=torch.float32)
     for unit in list(model.blocks) + list(model.mtp):
         if compile:
             unit.compile(dynamic=False)  # per block: FSDP's hooks stay outside the compiled graphs
@@ -270,33 +246,39 @@ if fsdp:
 optimizer = model.configure_optimizers(weight_decay, learning_rate, (beta1, beta2))
 if ckpt is not None:
     if "optimizer" in ckpt:  # stored unsharded and keyed by parameter name: loads at any world size
-        set_optimizer_state_dict(model, optimizer, ckpt["optimizer"], options=StateDictOptions(full_state_dict=True))
-        for group in optimizer.param_groups:  # a checkpoint's own choice (an older unfused one) loses:
-            group["fused"], group["foreach"] = True, None  # the loop needs fused AdamW's found_inf
+        set_optimizer_state_dict(model, optimizer, ckpt["optimizer"],
+                                 options=StateDictOptions(full_state_dict=True))
+        for group in optimizer.param_groups:  # an older checkpoint's unfused AdamW loses: the step needs
+            group["fused"], group["foreach"] = True, None  # fused AdamW's found_inf to skip a bad step
     elif master:
         print("note: the checkpoint has no optimizer state; starting a fresh optimizer")
-    if "rng" in ckpt and rank == 0:
-        torch.set_rng_state(ckpt["rng"]["torch"])
-        if device_type == "cuda" and ckpt["rng"].get("cuda") is not None:
-            torch.cuda.set_rng_state(ckpt["rng"]["cuda"], device)
-ckpt = None  # free the memory
+ckpt = old = None  # free the memory
 if compile and not fsdp:
-    if master:
-        print("compiling the model... (takes a minute)")
     model = torch.compile(model, dynamic=False)  # fixed shapes: no recompiles into dynamic ones
 if ddp and not fsdp:
-    # broadcast_buffers=False: the all-reduced bias update itself keeps the expert biases identical, and
-    # the token counters are per-rank until then; gradient_as_bucket_view: the grads ARE the buckets
+    # broadcast_buffers=False: the all-reduced bias update keeps the expert biases identical; the grads ARE
+    # the buckets; 100 MB buckets, not PyTorch's 25: under compile each bucket boundary splits the graph
     model = DDP(model, device_ids=[local_rank] if device_type == "cuda" else None, broadcast_buffers=False,
-                bucket_cap_mb=ddp_bucket_mb, gradient_as_bucket_view=True)
-    if reduce_dtype == "bfloat16":  # cast each bucket to bf16 for the all-reduce, back to fp32 after
-        from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import bf16_compress_hook
-        model.register_comm_hook(dist.group.WORLD, bf16_compress_hook)
-if master:
-    print(f"parameters: {n['total'] / 1e6:.2f}M total, {n['active'] / 1e6:.2f}M active per token, "
-          f"{n['embedding'] / 1e6:.2f}M embedding, {n['mtp'] / 1e6:.2f}M in MTP")
-    print(f"tokens per iteration: {tokens_per_iter:,} ({world_size} rank(s) x {gradient_accumulation_steps} "
-          f"micro-steps x {rows} x {block_size})")
+                bucket_cap_mb=100, gradient_as_bucket_view=True)
+
+
+def read_flags(stop=torch.zeros((), device=device)):
+    """Reports each skipped step of `unread` (step numbers, finite flags), stops the run after max_bad_steps
+    in a row; -> whether a signal reached any rank (all ranks look at the same points: they stop together)."""
+    global bad_steps
+    stop.fill_(float(stop_signal is not None))  # fill_, never torch.tensor(..., device): no sync
+    if ddp:
+        dist.all_reduce(stop, op=dist.ReduceOp.MAX)
+    stop_any, *finite = torch.stack([stop, *(f for _, f in unread)]).tolist()
+    for (it, _), ok in zip(unread, finite):
+        bad_steps = 0 if ok else bad_steps + 1
+        if not ok and master:
+            print(f"iter {it}: non-finite loss or gradient norm, step skipped ({bad_steps}/{max_bad_steps})")
+        if bad_steps >= max_bad_steps:
+            die(f"{bad_steps} non-finite steps in a row at iter {it}; stopping. The last good "
+                f"checkpoint ({ckpt_path}) is untouched: lower learning_rate or check the data")
+    unread.clear()
+    return bool(stop_any)
 
 
 @torch.no_grad()
@@ -308,7 +290,7 @@ def estimate_loss():
     for split in ("train", "val"):
         losses = torch.zeros(eval_iters, device=device)
         for k in range(eval_iters):
-            if stop_requested().item():
+            if read_flags():
                 return None
             if master and time.time() - t_note > 10:  # a long eval (a CPU) shows that it is alive
                 print(f"  eval at iter {iter_num}: {split} batch {k}/{eval_iters}", flush=True)
@@ -324,8 +306,6 @@ def estimate_loss():
 
 
 def get_lr(it):
-    if not decay_lr:
-        return learning_rate
     if it < warmup_iters:
         return learning_rate * (it + 1) / (warmup_iters + 1)
     ratio = min(1.0, (it - warmup_iters) / max(1, lr_decay_iters - warmup_iters))  # min_lr after the decay
@@ -333,20 +313,18 @@ def get_lr(it):
 
 
 def save_checkpoint():
-    """Every rank calls this (FSDP gathers the shards); rank 0 writes. Model and optimizer are saved
-    unsharded, keyed by parameter name, so any world size (and sample.py, export.py) can load them.
-    Written to a temporary file, flushed to disk, then renamed over the old one: a kill at any
-    moment leaves either the old or the new checkpoint, never half of one."""
+    """Every rank calls this (FSDP gathers the shards); rank 0 writes, unsharded and keyed by parameter name
+    (any world size, sample.py and export.py load it), to a temporary file flushed to disk and then renamed
+    over the old one: a kill at any moment leaves the old or the new checkpoint, never half of one."""
     global saved_iter
     saved_iter = iter_num
     opts = StateDictOptions(full_state_dict=True, cpu_offload=True)
-    msd, osd = get_model_state_dict(raw_model, options=opts), get_optimizer_state_dict(raw_model, optimizer, options=opts)
+    ck = {"model": get_model_state_dict(raw_model, options=opts),
+          "optimizer": get_optimizer_state_dict(raw_model, optimizer, options=opts),
+          "model_args": asdict(raw_model.args), "iter_num": iter_num, "best_val_loss": best_val_loss,
+          "config": config}
     if not master:
         return
-    ck = {"model": msd, "optimizer": osd, "model_args": asdict(raw_model.args),
-          "iter_num": iter_num, "best_val_loss": best_val_loss, "config": config,
-          "rng": {"torch": torch.get_rng_state(),
-                  "cuda": torch.cuda.get_rng_state(device) if device_type == "cuda" else None}}
     os.makedirs(out_dir, exist_ok=True)
     with open(ckpt_path + ".tmp", "wb") as f:
         torch.save(ck, f)
@@ -366,45 +344,16 @@ def log(record):
         wandb.log(record)
 
 
-def stop_requested(flag=torch.zeros((), device=device)):
-    """Whether a signal has reached any rank, as a 0-d tensor (every rank calls this at the same points)."""
-    flag.fill_(float(stop_signal is not None))  # fill_, never torch.tensor(..., device): no sync
-    if ddp:
-        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-    return flag
-
-
 # ---- the loop --------------------------------------------------------------------------------
 X, Y = get_batch("train", iter_num, rank_group * gradient_accumulation_steps)
-# the logged speed is the mean over the iterations since the previous log line, eval and saving left out
-t_window, n_window, t_paused, bad_steps, last = time.time(), 0, 0.0, 0, None
-
-
-def check_step(step):
-    """A finished step's (finite, stop) flags: stops the run after max_bad_steps non-finite steps in a row;
-    returns whether a stop signal has reached any rank."""
-    global bad_steps
-    it, flags, done, norm = step
-    if done is not None:
-        done.synchronize()
-    finite, stop_now = flags.tolist()
-    bad_steps = 0 if finite else bad_steps + 1
-    if not finite and master:
-        print(f"iter {it}: non-finite loss or gradient norm ({norm.item()}), step skipped "
-              f"({bad_steps}/{max_bad_steps})")
-    if bad_steps >= max_bad_steps:
-        die(f"{bad_steps} non-finite steps in a row at iter {it}; stopping. The last good "
-            f"checkpoint ({ckpt_path}) is untouched: lower learning_rate or check the data")
-    return bool(stop_now)
-
-
+# the logged speed is the mean over the iterations since the previous log line
+t_window, n_window, bad_steps, unread = time.time(), 0, 0, []
 while True:
     lr = get_lr(iter_num)
     for group in optimizer.param_groups:
         group["lr"] = lr
 
     if eval_only or iter_num % eval_interval == 0 or iter_num >= max_iters:  # the final state too
-        t_eval = time.time()
         losses = estimate_loss()  # every rank takes part (the losses are all-reduced)
         if losses is None:  # a signal: nothing new to save unless a step ran since the last save
             break
@@ -415,64 +364,56 @@ while True:
         if (losses["val"] < best_val_loss or always_save_checkpoint) and iter_num != saved_iter:
             best_val_loss = min(best_val_loss, losses["val"])
             save_checkpoint()
-        t_paused += time.time() - t_eval
+        t_window, n_window = time.time(), 0  # the logged speed leaves evals and saving out
     if eval_only or iter_num >= max_iters:
         break
 
+    # dropout and routing noise drawn as the batches are, seeded by the step (and rank): exact resumes
+    torch.manual_seed((seed * 1_000_003 + iter_num) * 4096 + rank)
     loss_sum = torch.zeros((), device=device)
     for micro in range(gradient_accumulation_steps):
+        last = micro == gradient_accumulation_steps - 1
         if fsdp:  # sync gradients only on the last micro-step
-            model.set_requires_gradient_sync(micro == gradient_accumulation_steps - 1)
+            model.set_requires_gradient_sync(last)
         elif ddp:
-            model.require_backward_grad_sync = micro == gradient_accumulation_steps - 1
+            model.require_backward_grad_sync = last
         with ctx:
-            _, loss = model(X, Y)
-            loss = loss / gradient_accumulation_steps
-        # prefetch the next batch while the GPU works on this one
-        nxt = micro + 1 < gradient_accumulation_steps
-        X, Y = get_batch("train", iter_num if nxt else iter_num + 1,
-                         rank_group * gradient_accumulation_steps + (micro + 1 if nxt else 0))
+            loss = model(X, Y)[1] / gradient_accumulation_steps
+        it, m = (iter_num + 1, 0) if last else (iter_num, micro + 1)  # prefetched while the GPU works
+        X, Y = get_batch("train", it, rank_group * gradient_accumulation_steps + m)
         loss.backward()
         loss_sum += loss.detach()
     # the gradient norm (clipped if grad_clip > 0) also tells us whether the step is finite
-    norm = torch.nn.utils.clip_grad_norm_(raw_model.parameters(), grad_clip if grad_clip > 0 else float("inf"))
+    norm = torch.nn.utils.clip_grad_norm_(raw_model.parameters(), grad_clip if grad_clip > 0 else math.inf)
     if hasattr(norm, "full_tensor"):  # FSDP: a DTensor
         norm = norm.full_tensor()
-    # A non-finite step is skipped on the device; the host learns of it (and of a stop signal, which all
-    # ranks obey after the same step) from a copy: on CUDA one step later, when it has long arrived
-    finite, maxvio = raw_model.optimizer_step(optimizer, norm)  # biases from all-reduced counts
-    flags = torch.stack([finite, stop_requested()]).to("cpu", non_blocking=True)
-    if device_type == "cuda":  # the previous step's flags (this step's copy is on its way)
-        done = torch.cuda.Event()
-        done.record()
-        stop, last = check_step(last) if last else False, (iter_num, flags, done, norm)
-    else:  # nothing runs ahead of the host here: this step's flags are ready now
-        stop = check_step((iter_num, flags, None, norm))
+    finite, maxvio = raw_model.optimizer_step(optimizer, norm)  # a non-finite step is skipped on the device
     optimizer.zero_grad(set_to_none=True)
+    unread.append((iter_num, finite))
+    # the host reads the flags where it waits anyway (a log line, an eval), so never mid-run on a GPU, where
+    # a Ctrl-C takes effect within log_interval steps; on the CPU nothing runs ahead of it: every step
+    stop = (iter_num % log_interval == 0 or device_type == "cpu") and read_flags()
 
     n_window += 1
     if iter_num % log_interval == 0:
         t1 = time.time()
-        dt = (t1 - t_window - t_paused) / n_window  # seconds per iteration
-        t_window, n_window, t_paused = t1, 0, 0.0
+        dt = (t1 - t_window) / n_window  # seconds per iteration
+        t_window, n_window = t1, 0
         if ddp:
             dist.all_reduce(loss_sum, op=dist.ReduceOp.AVG)
         if master:
-            lossf = loss_sum.item()
-            mfu = flops_per_token * tokens_per_iter / dt / (989e12 * world_size)  # per H100 (bf16 dense peak)
+            lossf, tok_s, gn = loss_sum.item(), tokens_per_iter / dt, norm.item()
+            mfu = raw_model.estimate_mfu(tok_s, 989e12 * world_size)  # against H100s' bf16 dense peak
             mv = maxvio.item() if maxvio is not None and finite.item() else float("nan")
-            mfu_s = f"{mfu * 100:.1f}%" if device_type == "cuda" else "n/a"
             print(f"iter {iter_num}: loss {lossf:.4f} ({loss_terms}), lr {lr:.2e}, time {dt * 1000:.0f}ms, "
-                  f"{tokens_per_iter / dt:,.0f} tok/s, mfu {mfu_s}, "
-                  f"grad norm {norm.item():.3f}, maxvio {mv:.3f}")
-            log({"iter": iter_num, "loss": lossf, "lr": lr, "ms": dt * 1000,
-                 "tok_per_s": tokens_per_iter / dt, "mfu": mfu, "grad_norm": norm.item(), "maxvio": mv})
+                  f"{tok_s:,.0f} tok/s, mfu {f'{mfu:.1%}' if device_type == 'cuda' else 'n/a'}, "
+                  f"grad norm {gn:.3f}, maxvio {mv:.3f}")
+            log({"iter": iter_num, "loss": lossf, "lr": lr, "ms": dt * 1000, "tok_per_s": tok_s, "mfu": mfu,
+                 "grad_norm": gn, "maxvio": mv})
     iter_num += 1
     if stop:
         break
 
-if last is not None:
-    check_step(last)  # the last step's flags: report (or stop on) its being non-finite
 if iter_num != saved_iter:  # the same on every rank (FSDP's gather needs them all)
     save_checkpoint()  # the end of the run, or a stop after a step
 if device_type == "cuda":

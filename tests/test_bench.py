@@ -7,6 +7,8 @@ import sys
 import traceback
 from pathlib import Path
 
+import torch
+
 REPO = Path(__file__).resolve().parents[1]
 SMALL = ["config/tinystories_debug.py", "--device=cpu", "--steps=1", "--warmup=0", "--twin=False",
          "--vocab_size=256", "--batch_size=2", "--block_size=32"]
@@ -43,3 +45,28 @@ def test_unwritable_outputs_are_one_line_before_the_benchmark(tmp_path, monkeypa
     code, out, err = run_bench(monkeypatch, f"--out_json={tmp_path / 'r.json'}")
     assert code == 0 and "moe:" in out, err
     assert "ms" in json.loads((tmp_path / "r.json").read_text())["moe"]
+
+
+
+def test_bench_times_the_step_train_py_takes(tmp_path, monkeypatch):
+    """bench.py's step and train.py's, twice each from the same initial weights on the same batches, leave
+    the same weights and expert biases: the step that bench.py times cannot drift from train.py's."""
+    from test_train import TINY, make_data
+    make_data(tmp_path / "data")
+    monkeypatch.chdir(REPO)
+    monkeypatch.setattr(sys, "argv", ["train.py", *TINY, f"--data_dir={tmp_path / 'data'}", "--eval_iters=1",
+                                      f"--out_dir={tmp_path / 'out'}", "--max_iters=2", "--warmup_iters=0",
+                                      "--learning_rate=1e-4", "--min_lr=1e-4"])  # bench's AdamW: lr 1e-4
+    with contextlib.redirect_stdout(io.StringIO()):
+        t = runpy.run_path(str(REPO / "train.py"), run_name="__main__")
+    model_args = [a for a in TINY if not a.startswith(("--eval", "--log", "--warmup"))]
+    monkeypatch.setattr(sys, "argv", ["bench.py", *model_args, "--device=cpu"])
+    b = runpy.run_path(str(REPO / "bench.py"), run_name="bench")
+    model, step, x, y = b["make_step"](b["base"])
+    for it in range(2):
+        X, Y = t["get_batch"]("train", it, 0)
+        x.copy_(X), y.copy_(Y)
+        step()
+    ours, theirs = model.state_dict(), t["raw_model"].state_dict()
+    assert ours.keys() == theirs.keys()
+    assert [k for k in ours if not torch.equal(ours[k], theirs[k])] == []

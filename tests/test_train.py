@@ -83,7 +83,7 @@ def test_loss_falls(tmp):
     rows = [json.loads(l) for l in (tmp / "out" / "log.jsonl").read_text().splitlines()]
     assert [r["iter"] for r in rows if "ce/val" in r and "ce/train" in r] == [0, 20, 40]
     model, ckpt = load_checkpoint(str(tmp / "out" / "ckpt.pt"))
-    assert ckpt["iter_num"] == 40 and "optimizer" in ckpt and "rng" in ckpt
+    assert ckpt["iter_num"] == 40 and "optimizer" in ckpt
     # the expert biases moved (the balancing update ran), and training logged MaxVio
     assert any(m.gate.bias.abs().sum() > 0 for m in model.moe_layers())
     assert "maxvio" in p.stdout
@@ -143,7 +143,7 @@ def test_eval_only_evaluates_and_writes_nothing(tmp, monkeypatch):
 BIASES = f"""import os, runpy, sys, torch
 sys.path.insert(0, {str(REPO)!r})
 g = runpy.run_path({str(REPO / "train.py")!r}, run_name="__main__")
-biases = [m.gate.bias for m in g["raw_model"].moe_layers()]
+biases = [m.gate.bias for m in g["raw_model"].moe_layers() if m.gate.bias is not None]  # (softmax: none)
 torch.save(biases, os.path.join(g["out_dir"], f"biases{{g['rank']}}.pt"))
 """
 
@@ -258,7 +258,7 @@ def test_sigkill_at_random_moments_then_resume(tmp):
 def test_non_finite_steps_change_nothing(tmp):
     """The skip happens on the device (fused AdamW's found_inf, a zero-scaled bias update), without
     the host looking: after a run of non-finite steps, parameters, moments and biases are as the
-    last finite step left them, and every skipped step is reported (one step late) by its number."""
+    last finite step left them, and every skipped step is reported by its number."""
     run_train(tmp, "--max_iters=4", "--always_save_checkpoint=True", "--eval_interval=1000")
     p = run_train(tmp, "--init_from=resume", "--max_iters=9", "--learning_rate=1e12", "--min_lr=1e12",
                   "--warmup_iters=0", "--grad_clip=0.0", "--eval_interval=1000", "--max_bad_steps=100",
@@ -339,20 +339,20 @@ def test_ctrl_c_abandons_an_eval_at_once(tmp, popen_train):
     got, ref = (torch.load(tmp / d / "ckpt.pt", weights_only=False) for d in ("out", "ref"))
     assert got["iter_num"] == ref["iter_num"] == 3
 
-    def resume_state(ck):  # what a resume starts from: the weights, the RNG, the optimizer's moments
-        return [*ck["model"].values(), ck["rng"]["torch"], *(t for st in ck["optimizer"]["state"].values()
-                                                              for t in st.values())]
+    def resume_state(ck):  # what a resume starts from: the weights and the optimizer's moments
+        return [*ck["model"].values(), *(t for st in ck["optimizer"]["state"].values() for t in st.values())]
     assert all(torch.equal(x, y) for x, y in zip(resume_state(got), resume_state(ref), strict=True))
 
 
 def test_ctrl_c_in_a_long_step_saves_it_and_a_second_one_quits_at_once(tmp, popen_train):
     """Ctrl-C in a long step (the flagship's takes ~51 s on a CPU) stops the run at the end of that step,
     saved (not one step later); a second Ctrl-C ends the process at once, without a traceback."""
-    proc = popen_train(f"--out_dir={tmp / 'one'}", "--gradient_accumulation_steps=30")
-    wait_for(proc, "iter 0: eval ce")  # inside step 0 now
+    # (no log line after step 1: on the CPU the host looks at every step's flags, not only at a log line's)
+    proc = popen_train(f"--out_dir={tmp / 'one'}", "--gradient_accumulation_steps=30", "--log_interval=1000")
+    wait_for(proc, "iter 0: loss")  # inside step 1 now
     proc.send_signal(signal.SIGINT)
     out, err = proc.communicate(timeout=120)
-    assert proc.returncode == 0 and load_checkpoint(str(tmp / "one" / "ckpt.pt"))[1]["iter_num"] == 1, out + err
+    assert proc.returncode == 0 and load_checkpoint(str(tmp / "one" / "ckpt.pt"))[1]["iter_num"] == 2, out + err
 
     proc = popen_train(f"--out_dir={tmp / 'two'}", "--gradient_accumulation_steps=5000")
     wait_for(proc, "iter 0: eval ce")
@@ -402,7 +402,6 @@ def one_line_error(p, *needles):
     (["--init_from=resume"], ["no checkpoint"]),
     (["--init_from=pretrained"], ["init_from"]),
     (["--compile=maybe"], ["compile"]),
-    (["--reduce_dtype=float16"], ["reduce_dtype"]),
 ])
 def test_bad_config(tmp, args, needles, monkeypatch):
     one_line_error(run_train_here(tmp, monkeypatch, *args), *needles)
@@ -528,13 +527,6 @@ def test_batch_that_cannot_be_shared_over_ranks(tmp):
     env = {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "29999"}
     one_line_error(run_train(tmp, "--gradient_accumulation_steps=3", "--batch_size=3", check=False, env=env, timeout=60),
                    "batch_size=3", "divisible by 2")
-
-
-def test_bf16_gradient_reduce_needs_nccl(tmp):
-    """DDP's bf16 all-reduce hook is NCCL's: under gloo (CPU) it is refused before anything starts."""
-    env = {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "29999"}
-    one_line_error(run_train(tmp, "--gradient_accumulation_steps=2", "--reduce_dtype=bfloat16", check=False, env=env),
-                   "reduce_dtype", "CUDA")
 
 
 def test_wandb_offline(tmp):
