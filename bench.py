@@ -16,7 +16,7 @@ from dataclasses import fields, replace
 
 import torch
 
-from model import DeepSeekV3, ModelArgs
+from model import DeepSeekV3, ModelArgs, pick_device
 
 # -----------------------------------------------------------------------------
 batch_size = 64
@@ -52,11 +52,13 @@ for path in filter(None, (out_json, profile_file)):  # checked before the benchm
             os.remove(path)
     except OSError as e:
         raise SystemExit(f"error: cannot write {path} ({e.strerror})")
-if device == "auto":
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-device_type = "cuda" if device.startswith("cuda") else "cpu"
-if dtype == "auto":
-    dtype = "bfloat16" if device_type == "cuda" else "float32"
+try:
+    device, dtype = pick_device(device, dtype)
+except ValueError as e:
+    raise SystemExit(f"error: {e}")
+if dtype == "float16":
+    raise SystemExit("error: dtype='float16': bench.py times train.py's step, in 'bfloat16' or 'float32'")
+device_type = device.split(":")[0]
 if compile is None:
     compile = device_type == "cuda"
 torch.manual_seed(seed)
@@ -64,7 +66,7 @@ torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True  
 ctx = torch.autocast(device_type, dtype=torch.bfloat16) if dtype == "bfloat16" else nullcontext()
 base = ModelArgs(**{f.name: globals()[f.name] for f in fields(ModelArgs)})
 B, T = batch_size, base.block_size
-results = {"device": torch.cuda.get_device_name() if device_type == "cuda" else "cpu",
+results = {"device": torch.cuda.get_device_name() if device_type == "cuda" else device_type,
            "torch": torch.__version__, "batch_size": B, "block_size": T}
 
 
@@ -93,10 +95,7 @@ def make_step(args, liger=False):
     torch.manual_seed(seed)
     model = DeepSeekV3(args).to(device)
     if liger:
-        from liger_kernel.transformers import LigerFusedLinearCrossEntropyLoss
-        flce = LigerFusedLinearCrossEntropyLoss()
-        # Liger's kernels don't trace under torch.compile (2.11): run them eagerly inside the graph
-        model.fused_ce = torch.compiler.disable(lambda w, h, t: flce(w, h, t))
+        model.use_liger()
     opt = model.configure_optimizers(0.1, 1e-4, (0.9, 0.95))
     fwd = torch.compile(model, dynamic=False) if compile else model
     g = torch.Generator(device="cpu").manual_seed(seed)

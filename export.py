@@ -230,12 +230,11 @@ def gpt2_vocab_and_merges():
     """tiktoken's gpt2 ranks as GPT-2's vocab.json (token text -> id) and merges (in rank order).
     Each multi-byte token's merge is found by running BPE on its bytes with only the merges ranked
     below it: what is left is the pair that merges into it."""
+    from prepare import PrepareError, load_encoding
     try:
-        import tiktoken
-        enc = tiktoken.get_encoding("gpt2")
-    except Exception as e:
-        raise ExportError(f"can't load tiktoken's gpt2 encoding ({first_line(e)}); offline, point "
-                          "TIKTOKEN_CACHE_DIR at a cache that holds it") from None
+        enc = load_encoding()
+    except PrepareError as e:
+        raise ExportError(str(e)) from None
     if enc.n_vocab != GPT2_VOCAB or enc.eot_token != EOT_ID:
         raise ExportError(f"tiktoken's gpt2 encoding has {enc.n_vocab} tokens, eot {enc.eot_token}: "
                           f"expected {GPT2_VOCAB}, {EOT_ID}")

@@ -80,10 +80,12 @@ class ModelArgs:
                      "mtp_depth", "inter_dim", "moe_inter_dim"):
             if not isinstance(getattr(self, name), int) or getattr(self, name) < 0:
                 bad(name, "must be a non-negative integer")
-        for name in ("bias_update_speed", "seq_aux_alpha", "mtp_lambda", "noise_std"):
-            if getattr(self, name) < 0:
-                bad(name, "must be >= 0")
-        rules = [  # (field, whether it holds, the rule)
+        E, G = self.n_routed_experts, self.n_expert_groups
+        L, K = self.n_limited_groups, self.n_activated_experts
+        moe, per_group = E > 0, E // max(G, 1)  # (a G < 1 fails "must divide")
+        rules = [  # (field, whether it holds, the rule), checked in this order
+            *((n, getattr(self, n) >= 0, "must be >= 0") for n in ("bias_update_speed", "seq_aux_alpha",
+                                                                    "mtp_lambda", "noise_std")),
             ("qk_rope_head_dim", self.qk_rope_head_dim % 2 == 0, "must be even (RoPE rotates pairs of dims)"),
             ("dropout", 0.0 <= self.dropout < 1.0, "must be in [0, 1)"),
             ("score_func", self.score_func in ("sigmoid", "softmax"), "must be 'sigmoid' or 'softmax'"),
@@ -93,26 +95,18 @@ class ModelArgs:
             ("rope_factor", self.rope_factor >= 1.0, "must be >= 1 (1: no YaRN)"),
             ("beta_fast", 0 < self.beta_slow < self.beta_fast, f"must exceed beta_slow={self.beta_slow} > 0"),
             ("n_dense_layers", self.n_dense_layers <= self.n_layer, f"cannot exceed n_layer={self.n_layer}"),
-            ("inter_dim", self.inter_dim > 0 or self.n_dense_layers == 0 < self.n_routed_experts,
-             "must be positive when there are dense layers")]
+            ("inter_dim", self.inter_dim > 0 or self.n_dense_layers == 0 < E, "must be > 0 for dense layers"),
+            ("moe_inter_dim", not moe or self.moe_inter_dim > 0, "must be > 0 for routed experts"),
+            ("n_activated_experts", not moe or 1 <= K <= E, f"must be in [1, n_routed_experts={E}]"),
+            ("n_expert_groups", not moe or per_group * G == E, f"must divide n_routed_experts={E}"),
+            ("n_expert_groups", not moe or G == 1 or per_group >= 2 or self.score_func != "sigmoid",
+             "each group needs >= 2 experts (groups are ranked by their top-2 sum)"),
+            ("n_limited_groups", not moe or 1 <= L <= G, f"must be in [1, n_expert_groups={G}]"),
+            ("n_limited_groups", not moe or L * per_group >= K,
+             f"{L} groups of {per_group} experts hold fewer than n_activated_experts={K}")]
         for name, ok, rule in rules:
             if not ok:
                 bad(name, rule)
-        if self.n_routed_experts > 0:
-            if self.moe_inter_dim <= 0:
-                bad("moe_inter_dim", "must be positive when there are routed experts")
-            if not 1 <= self.n_activated_experts <= self.n_routed_experts:
-                bad("n_activated_experts", f"must be in [1, n_routed_experts={self.n_routed_experts}]")
-            if self.n_expert_groups < 1 or self.n_routed_experts % self.n_expert_groups:
-                bad("n_expert_groups", f"must divide n_routed_experts={self.n_routed_experts}")
-            per_group = self.n_routed_experts // self.n_expert_groups
-            if self.n_expert_groups > 1 and per_group < 2 and self.score_func == "sigmoid":
-                bad("n_expert_groups", "each group needs >= 2 experts (groups are ranked by their top-2 sum)")
-            if not 1 <= self.n_limited_groups <= self.n_expert_groups:
-                bad("n_limited_groups", f"must be in [1, n_expert_groups={self.n_expert_groups}]")
-            if self.n_limited_groups * per_group < self.n_activated_experts:
-                bad("n_limited_groups", f"{self.n_limited_groups} groups of {per_group} experts hold fewer "
-                    f"than n_activated_experts={self.n_activated_experts}")
 
     @property
     def qk_head_dim(self):
@@ -454,7 +448,7 @@ class DeepSeekV3(nn.Module):
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)
         self.use_checkpointing = False  # activation checkpointing per block (train.py sets it)
-        self.fused_ce = None            # optional fused linear+cross-entropy (Liger), see train.py
+        self.fused_ce = None            # optional fused linear+cross-entropy: use_liger()
         self.apply(self._init_weights)
 
     @torch.no_grad()
@@ -507,6 +501,11 @@ class DeepSeekV3(nn.Module):
             loss = loss + aux
         return logits, loss
 
+    def use_liger(self):  # Liger's fused linear cross-entropy for the loss (liger-kernel installed, CUDA)
+        from liger_kernel.transformers import LigerFusedLinearCrossEntropyLoss
+        flce = LigerFusedLinearCrossEntropyLoss()  # its kernels don't trace under torch.compile: run eagerly
+        self.fused_ce = torch.compiler.disable(lambda w, h, t: flce(w, h, t))
+
     def run_block(self, block, *xs):
         if self.use_checkpointing and self.training and torch.is_grad_enabled():
             return torch.utils.checkpoint.checkpoint(block, *xs, use_reentrant=False)
@@ -524,8 +523,7 @@ class DeepSeekV3(nn.Module):
         """Once per optimizer step: b_i += speed * sign(mean_load - load_i) over the tokens counted (all
         ranks) since the last call (then cleared), re-centred. `scale` (0-d, 0 or 1) skips it without a
         host sync. Returns the mean MaxVio (max/mean - 1)."""
-        layers = self.moe_layers()
-        if not layers:
+        if not (layers := self.moe_layers()):
             return None
         counts = torch.stack([m.tokens_per_expert for m in layers])         # (L, E)
         if torch.distributed.is_available() and torch.distributed.is_initialized():
@@ -633,6 +631,20 @@ class DeepSeekV3(nn.Module):
         return torch.optim.AdamW(groups, lr=learning_rate, betas=betas, fused=True)
 
 
+def pick_device(device="auto", dtype="auto"):
+    """-> (device, dtype), 'auto' resolved; ValueError (one line for the user) for what this machine lacks."""
+    count = {"cpu": 1, "mps": int(torch.backends.mps.is_available()), "cuda": torch.cuda.device_count()}
+    device = ("cuda" if count["cuda"] else "mps" if count["mps"] else "cpu") if device == "auto" else device
+    kind, colon, i = device.partition(":")
+    if kind not in count or colon and not (kind == "cuda" and i.isdigit()) or int(i or 0) >= count[kind]:
+        raise ValueError(f"device='{device}' is not available here (use --device=cpu or --device=auto)")
+    if dtype == "auto":  # bf16 where the GPU has it
+        dtype = "bfloat16" if kind == "cuda" and torch.cuda.is_bf16_supported() else "float32"
+    if dtype not in ("float32", "bfloat16", "float16"):
+        raise ValueError(f"dtype='{dtype}' must be 'auto', 'float32', 'bfloat16' or 'float16'")
+    return device, dtype
+
+
 # -----------------------------------------------------------------------------
 # checkpoints (train.py writes them; sample.py, export.py and train.py's resume read them)
 
@@ -651,8 +663,7 @@ def load_checkpoint(path, map_location="cpu"):
         raise CheckpointError(f"checkpoint {path} is unreadable (truncated or corrupt?): {msg}") from None
     if not isinstance(ckpt, dict) or "model" not in ckpt or "model_args" not in ckpt:
         raise CheckpointError(f"{path} is not a checkpoint of this project (no 'model'/'model_args')")
-    unknown = sorted(set(ckpt["model_args"]) - {f.name for f in fields(ModelArgs)})
-    if unknown:
+    if unknown := sorted(set(ckpt["model_args"]) - {f.name for f in fields(ModelArgs)}):
         raise CheckpointError(f"{path} is from a different architecture "
                               f"(unknown model args: {', '.join(unknown[:5])})")
     try:

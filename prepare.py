@@ -140,14 +140,14 @@ def load(args):
                     "val_from": "validation files"}
 
 
-def load_encoding():
+def load_encoding():  # tiktoken's GPT-2 encoding, for prepare.py, sample.py and export.py
     try:
         import tiktoken
         return tiktoken.get_encoding("gpt2")
-    except Exception as e:
+    except Exception as e:  # no network on first use, a broken cache, no tiktoken
         raise PrepareError(f"cannot load tiktoken's GPT-2 encoding ({type(e).__name__}); it is downloaded on "
-                           f"first use, so connect to the internet or set TIKTOKEN_CACHE_DIR to a folder "
-                           f"holding its cached files")
+                           "first use, so connect to the internet or set TIKTOKEN_CACHE_DIR to a folder "
+                           "holding its cached files") from None
 
 
 def _init_worker():

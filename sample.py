@@ -22,7 +22,8 @@ import time
 
 import torch
 
-from model import CheckpointError, load_checkpoint
+from model import CheckpointError, load_checkpoint, pick_device
+from prepare import PrepareError, load_encoding
 
 
 # -----------------------------------------------------------------------------
@@ -263,31 +264,12 @@ def fail(msg, code=1):
     sys.exit(code)
 
 
-def gpt2_encoding():
-    """tiktoken's GPT-2 encoding, or one line on stderr saying why it could not be loaded."""
-    try:
-        import tiktoken
-        return tiktoken.get_encoding("gpt2")
-    except Exception as e:  # no network on first use, a broken cache, no tiktoken
-        fail(f"cannot load tiktoken's GPT-2 encoding ({type(e).__name__}); it is downloaded on first use "
-             "(needs the network once), or point TIKTOKEN_CACHE_DIR at a cache that has it")
-
-
 def load_model(path, device, dtype, speculative):
     """-> (the checkpoint's model on the device, in the dtype, device, dtype), or one error line."""
-    cuda, mps = torch.cuda.is_available(), torch.backends.mps.is_available()
-    if device == "auto":
-        device = "cuda" if cuda else "mps" if mps else "cpu"
     try:
-        d = torch.device(device)
-    except (RuntimeError, ValueError):
-        d = torch.device("meta")  # not a device: refused below
-    if not {"cpu": True, "mps": mps, "cuda": cuda and (d.index or 0) < torch.cuda.device_count()}.get(d.type):
-        fail(f"device='{device}' is not available here (use 'auto', 'cpu', 'cuda', 'cuda:N' or 'mps')", 2)
-    if dtype == "auto":
-        dtype = "bfloat16" if d.type == "cuda" and torch.cuda.is_bf16_supported() else "float32"
-    if dtype not in ("float32", "bfloat16", "float16"):
-        fail(f"dtype='{dtype}' must be 'auto', 'float32', 'bfloat16' or 'float16'", 2)
+        device, dtype = pick_device(device, dtype)
+    except ValueError as e:
+        fail(e, 2)
     try:
         model = load_checkpoint(path, map_location="cpu")[0]
     except CheckpointError as e:
@@ -317,7 +299,10 @@ def main():
     torch.manual_seed(seed)
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     model, dev, dt = load_model(os.path.join(out_dir, "ckpt.pt"), device, dtype, speculative)
-    enc, V = gpt2_encoding(), model.args.vocab_size
+    try:
+        enc, V = load_encoding(), model.args.vocab_size
+    except PrepareError as e:
+        fail(e)
     ids = enc.encode(prompt, allowed_special={"<|endoftext|>"})
     ids = [enc.eot_token] + ids if eot_prefix or not ids else ids
     if max(ids) >= V:

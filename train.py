@@ -22,7 +22,7 @@ from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model
                                                      get_optimizer_state_dict, set_optimizer_state_dict)
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from model import CheckpointError, DeepSeekV3, ModelArgs, load_checkpoint
+from model import CheckpointError, DeepSeekV3, ModelArgs, load_checkpoint, pick_device
 
 # -----------------------------------------------------------------------------
 # I/O
@@ -88,20 +88,17 @@ rank_group, part = rank // share, rank % share  # which micro-steps this rank ru
 master = rank == 0
 
 # ---- device and precision --------------------------------------------------------------------
-if device == "auto":
-    device = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
+try:
+    device, dtype = pick_device(device, dtype)
+except ValueError as e:
+    die(str(e))
 device_type = device.split(":")[0]
-if {"cuda": not torch.cuda.is_available(), "mps": not torch.backends.mps.is_available()}.get(device_type):
-    die(f"device='{device}' but {device_type.upper()} is not available (use --device=cpu or --device=auto)")
 if ddp and device_type == "cuda":
     device = f"cuda:{local_rank}"
     torch.cuda.set_device(device)
-bf16_ok = device_type == "cuda" and torch.cuda.is_bf16_supported()
-if dtype == "auto":
-    dtype = "bfloat16" if bf16_ok else "float32"
-if dtype not in ("float32", "bfloat16"):
-    die(f"dtype='{dtype}' must be 'auto', 'float32' or 'bfloat16' (fp16 would need a grad scaler)")
-if dtype == "bfloat16" and not bf16_ok:
+if dtype == "float16":
+    die("dtype='float16' would need a grad scaler: train in 'bfloat16' or 'float32'")
+if dtype == "bfloat16" and not (device_type == "cuda" and torch.cuda.is_bf16_supported()):
     die(f"dtype='bfloat16' needs a GPU that supports it; on {device} train in float32 (--dtype=float32)")
 if compile is None:
     compile = device_type == "cuda"
@@ -209,8 +206,9 @@ if wandb_log and master and not eval_only:
         wandb.init(project=wandb_project, name=wandb_run_name, config=config)
     except ImportError:
         die("wandb_log=True but wandb is not installed: pip install wandb (or --wandb_log=False)")
-    except wandb.errors.Error as e:  # e.g. no API key
-        die(f"wandb_log=True: {str(e).strip().splitlines()[0]} (or log offline: WANDB_MODE=offline)")
+    except Exception as e:  # no API key, a bad WANDB_MODE, ...: whatever it raises, one line
+        why = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        die(f"wandb_log=True: {why} (or log offline: WANDB_MODE=offline)")
 if ddp:
     dist.init_process_group(backend="nccl" if device_type == "cuda" else "gloo")
 if master:
@@ -222,13 +220,11 @@ if master:
 saved_iter = iter_num  # the checkpoint holds this state (or, from scratch, there is nothing to save)
 model.to(device)
 model.use_checkpointing = use_checkpointing
-if use_liger:  # Liger's kernels don't trace under torch.compile (torch 2.11): they run eagerly in the graph
+if use_liger:
     try:
         if device_type != "cuda":
             raise ImportError("needs CUDA")
-        from liger_kernel.transformers import LigerFusedLinearCrossEntropyLoss
-        _flce = LigerFusedLinearCrossEntropyLoss()
-        model.fused_ce = torch.compiler.disable(lambda w, h, t: _flce(w, h, t))
+        model.use_liger()
     except ImportError as e:
         if master:
             print(f"note: use_liger=True but Liger kernels are unavailable ({e}); using plain PyTorch")

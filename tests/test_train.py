@@ -397,7 +397,10 @@ def one_line_error(p, *needles):
     (["--qk_rope_head_dim=7"], ["qk_rope_head_dim"]),
     (["--block_size=50000"], ["block_size"]),
     (["--batch_size=200"], ["fewer than one batch"]),
-    (["--device=cuda"], ["CUDA"]) if not torch.cuda.is_available() else (["--device=cuda", "--dtype=float16"], ["dtype"]),
+    (["--device=cuda"], ["device='cuda'"]) if not torch.cuda.is_available() else (["--device=cuda:99"], ["cuda:99"]),
+    (["--device=tpu"], ["device='tpu'"]),
+    (["--dtype=float16", "--device=cpu"], ["grad scaler"]),
+    (["--dtype=int8"], ["dtype='int8'"]),
     (["--dtype=bfloat16", "--device=cpu"], ["bfloat16"]),
     (["--init_from=resume"], ["no checkpoint"]),
     (["--init_from=pretrained"], ["init_from"]),
@@ -516,6 +519,10 @@ def test_wandb_not_logged_in_or_not_installed(tmp, monkeypatch):
            f"--out_dir={tmp / 'out'}", "--wandb_log=True"]
     p = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=120, env=env)
     one_line_error(p, "wandb login", "WANDB_MODE=offline")
+    assert not (tmp / "out").exists()
+    bogus = {**env, "WANDB_MODE": "bogus"}
+    p = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=120, env=bogus)
+    one_line_error(p, "wandb_log=True: ", "WANDB_MODE=offline")  # wandb's pydantic error, not its traceback
     assert not (tmp / "out").exists()
     monkeypatch.setitem(sys.modules, "wandb", None)  # not installed: its import fails
     one_line_error(run_train_here(tmp, monkeypatch, "--wandb_log=True"), "pip install wandb")
