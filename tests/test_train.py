@@ -89,6 +89,16 @@ def test_loss_falls(tmp):
     assert "maxvio" in p.stdout
 
 
+def test_output_into_a_pipe_closed_early(tmp):
+    """`python train.py ... | head -2`: the run ends when its reader leaves, quietly (no BrokenPipeError)."""
+    cmd = [sys.executable, str(REPO / "train.py"), *TINY, f"--data_dir={tmp / 'data'}", f"--out_dir={tmp / 'out'}"]
+    p = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    p.stdout.readline()
+    p.stdout.close()
+    err = p.stderr.read()
+    assert p.wait(timeout=120) == -signal.SIGPIPE and "Error" not in err, err
+
+
 def test_resume_gives_exactly_the_same_losses(tmp):
     common = ["--eval_interval=1000", "--max_iters=12", "--lr_decay_iters=12", "--dropout=0.1"]
     run_train(tmp, *common)
