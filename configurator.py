@@ -10,6 +10,7 @@ import inspect
 import linecache
 import os
 import re
+import signal
 import sys
 import traceback
 from dataclasses import fields, is_dataclass
@@ -71,18 +72,16 @@ def show_help(g, caller):
             docs[m[2]] = " ".join(part.strip(" #") for part in (m[3] or "").split("\n"))
     doc = re.split(r"\n\s*\n(?=\S)", (caller.f_globals.get("__doc__") or "").strip())[0]
     rows = [f"{f'  {k} = {g[k]!r}':36}  # {d}" if d else f"  {k} = {g[k]!r}" for k, d in docs.items()]
-    try:
-        print(f"usage: python {os.path.basename(sys.argv[0])} [config.py ...] [--key=value ...]\n{doc}\n\n"
-              "knobs (config files and --key=value change them):", *rows, sep="\n", flush=True)
-    except BrokenPipeError:  # the reader left (| head): normal shell use, so end quietly, as cat does
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # so that the exit's flush succeeds
-        sys.exit(141)
+    print(f"usage: python {os.path.basename(sys.argv[0])} [config.py ...] [--key=value ...]\n{doc}\n\n"
+          "knobs (config files and --key=value change them):", *rows, sep="\n", flush=True)
     sys.exit(0)
 
 
 def configure(g, argv=None, only_known=False):
     """Applies config files and --key=value in argv (default sys.argv[1:]) to g (only_known: a file's keys
     that g lacks are left out); to a person at a terminal, says what changed on stderr (captured: silent)."""
+    if hasattr(signal, "SIGPIPE"):  # a reader that leaves early (| head) ends the script quietly, like cat
+        signal.signal(signal.SIGPIPE, signal.SIG_DFL)
     argv = sys.argv[1:] if argv is None else argv
     before = {k: g[k] for k in knobs(g)}
     for i, arg in enumerate(argv):

@@ -185,8 +185,6 @@ def on_signal(signum, frame):
 
 signal.signal(signal.SIGINT, on_signal)
 signal.signal(signal.SIGTERM, on_signal)
-if hasattr(signal, "SIGPIPE"):  # a reader that leaves early (| head) ends the run quietly, as it ends cat
-    signal.signal(signal.SIGPIPE, signal.SIG_DFL)
 if init_from == "resume":
     try:
         old, ckpt = load_checkpoint(ckpt_path)

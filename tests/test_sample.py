@@ -492,7 +492,7 @@ def test_cli_streams_tokens_as_they_are_made(ckpts):
         assert len(piped.stdout.read(100)) == 100
         piped.stdout.close()
         err = piped.stderr.read()
-        assert piped.wait(timeout=60) == 141 and err == "", err
+        assert piped.wait(timeout=60) == -signal.SIGPIPE and err == "", err
     finally:
         for q in (p, piped):
             if q.poll() is None:
