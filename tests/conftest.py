@@ -4,6 +4,8 @@ import os
 import sys
 from dataclasses import asdict
 
+import signal
+
 import pytest
 import torch
 
@@ -58,3 +60,12 @@ def pytest_collection_modifyitems(config, items):
                                        "point TIKTOKEN_CACHE_DIR at a copy of its cache (README)")
         for item in marked:
             item.add_marker(skip)
+
+
+@pytest.fixture(autouse=True)
+def python_sigpipe():
+    """A script run in-process restores SIGPIPE's default action (configurator.configure); pytest itself
+    keeps Python's, so that a write to a closed pipe raises instead of killing the test run."""
+    yield
+    if hasattr(signal, "SIGPIPE"):
+        signal.signal(signal.SIGPIPE, signal.SIG_IGN)
