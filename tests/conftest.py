@@ -1,10 +1,9 @@
 """Shared by the test files: single-threaded torch, the needs_gpt2 marker, and small helpers
 (`from conftest import ...`)."""
 import os
+import signal
 import sys
 from dataclasses import asdict
-
-import signal
 
 import pytest
 import torch
