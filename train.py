@@ -415,4 +415,5 @@ if iter_num != saved_iter:  # the same on every rank (FSDP's gather needs them a
 if device_type == "cuda":
     print(f"rank {rank}: peak GPU memory {torch.cuda.max_memory_allocated(device) / 1e9:.2f} GB")
 if ddp:
+    dist.barrier()  # no rank tears the group down while another still works in it (rank 0 saving)
     dist.destroy_process_group()
