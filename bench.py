@@ -185,14 +185,10 @@ def part_timings(prof, a):
     return dict(sorted(parts.items(), key=lambda kv: -kv[1]))
 
 
-def bench_sample():
-    """Generation with sample.generate, greedy, for each way a decode step can run (eager; CUDA graph;
-    torch.compile + CUDA graph): prefill tokens/s, steady decode tokens/s at batch 1 and 16, and at
-    batch 1 speculative decoding's speed-up and draft acceptance, and how many tokens it shares with
-    plain decoding (all of them in fp32: on CUDA both run again in fp32 without TF32)."""
+def sample_setup():
+    """The generation bench's decode modes, model (in dtype, eval) and prompt (1, 16)."""
     import numpy as np
     from model import load_checkpoint
-    from sample import generate
     if gen_tokens < 8:
         raise SystemExit(f"error: gen_tokens={gen_tokens}: steady decode speed needs at least 8 new tokens")
     every = {"eager": dict(cuda_graph=False), "graph": dict(cuda_graph=True),
@@ -211,7 +207,15 @@ def bench_sample():
         prompt = torch.from_numpy(np.fromfile(f"{data_dir}/val.bin", dtype=np.uint16)[:16].astype(np.int64))
     except OSError:
         prompt = torch.randint(0, 50257, (16,))
-    prompt, P = prompt[None].to(device), len(prompt)
+    return modes, model, wdt, prompt[None].to(device)
+
+
+def bench_sample():
+    """Greedy generation per decode mode: prefill tokens/s, steady decode tokens/s at batch 1 and 16, and
+    speculative decoding's speed-up, acceptance and tokens shared with plain (all, in fp32 on CUDA)."""
+    from sample import generate
+    modes, model, wdt, prompt = sample_setup()
+    P = prompt.shape[1]
     r = {"ckpt": ckpt or "random weights", "gen_tokens": gen_tokens, "dtype": str(wdt)}
     r["cache_bytes_per_token"], r["per_head_cache_bytes_per_token"] = model.cache_bytes_per_token()
 
