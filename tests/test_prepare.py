@@ -1,6 +1,7 @@
 """Tests for prepare.py: every local input format round-trips, val splits, atomic writes, clean errors."""
 import errno
 import json
+import multiprocessing
 import os
 import runpy
 import signal
@@ -47,6 +48,7 @@ class FakeEnc:
 @pytest.fixture
 def fake_enc(monkeypatch):
     monkeypatch.setattr(prepare, "load_encoding", lambda: FakeEnc())
+    monkeypatch.setattr(prepare, "CHUNK", 10**9)  # tokenize in-process: spawned workers load the real one
 
 
 def run(capsys, *argv):
@@ -214,6 +216,8 @@ def test_worker_pool_gives_the_same_bytes(tmp_path, capsys, enc, monkeypatch):
     t = write(tmp_path / "s.txt", "txt_eot", stories)
     assert run(capsys, "--input", t, "--out_dir", tmp_path / "one", "--num_proc", 1)[0] == 0
     monkeypatch.setattr(prepare, "CHUNK", 3)  # many chunks, so the Pool path really runs
+    # spawned workers: a fork of this process (torch's threads running) can hang on a copied lock
+    monkeypatch.setattr(prepare, "Pool", multiprocessing.get_context("spawn").Pool)
     assert run(capsys, "--input", t, "--out_dir", tmp_path / "two", "--num_proc", 2)[0] == 0
     for name in ("train.bin", "val.bin", "meta.json"):
         assert (tmp_path / "one" / name).read_bytes() == (tmp_path / "two" / name).read_bytes()
