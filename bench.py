@@ -97,7 +97,8 @@ def make_step(args, liger=False):
     if liger:
         model.use_liger()
     opt = model.configure_optimizers(0.1, 1e-4, (0.9, 0.95))
-    fwd = torch.compile(model, dynamic=False) if compile else model
+    fwd = torch.compile(model, dynamic=False, mode="reduce-overhead" if device_type == "cuda" else None) \
+        if compile else model
     g = torch.Generator(device="cpu").manual_seed(seed)
     x, y = (torch.randint(0, args.vocab_size, (B, T), generator=g).to(device) for _ in range(2))
 

@@ -233,8 +233,7 @@ class MLA(nn.Module):
         c, k_pe = kv_cache[:B].type_as(q_lat), pe_cache[:B].type_as(q_lat)
         # all heads read the same cached latent and rotary key: plain matmuls (SDPA would expand them)
         scores = torch.einsum("bthc,bsc->bths", q_lat, c) + torch.einsum("bthr,bsr->bths", q_pe, k_pe)
-        scores = scores * self.scale
-        scores = scores.masked_fill(~mask[:, None], float("-inf"))
+        scores = (scores * self.scale).masked_fill(~mask[:, None], float("-inf"))
         p = scores.float().softmax(dim=-1).type_as(q_lat)                     # (B, T, H, S)
         y = torch.einsum("bthc,hdc->bthd", torch.einsum("bths,bsc->bthc", p, c), w_uv)
         return self.wo(y.reshape(B, T, -1))
@@ -646,10 +645,23 @@ def pick_device(device="auto", dtype="auto"):
 
 
 # -----------------------------------------------------------------------------
-# checkpoints (train.py writes them; sample.py, export.py and train.py's resume read them)
+# checkpoints (train.py and rl.py write them; sample.py, export.py and the resumes read them)
 
 class CheckpointError(ValueError):
     """A checkpoint that can't be used; the message is one line meant for the user."""
+
+
+def save_checkpoint(path, ckpt, keep_prev=True):
+    """Write ckpt to path via a temporary file flushed to disk and renamed over the old one (kept as
+    *.prev.pt if keep_prev): a kill at any moment leaves the old or the new checkpoint, never half of one."""
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    with open(path + ".tmp", "wb") as f:
+        torch.save(ckpt, f)
+        f.flush()
+        os.fsync(f.fileno())
+    if keep_prev and os.path.exists(path):
+        os.replace(path, path.removesuffix(".pt") + ".prev.pt")
+    os.replace(path + ".tmp", path)
 
 
 def load_checkpoint(path, map_location="cpu"):

@@ -1,10 +1,6 @@
-"""
-Train DeepSeek-V3 on TinyStories. One GPU:
-    python train.py config/tinystories_16x4.py --batch_size=16
-DDP on one node with 2 GPUs (gradient accumulation is divided among the ranks):
-    torchrun --standalone --nproc_per_node=2 train.py config/tinystories_16x4.py
-Every knob below is a global that a config file or --key=value can override (configurator.py).
-"""
+"""Train DeepSeek-V3 on TinyStories: `python train.py config/tinystories_16x4.py --batch_size=16`, or on
+2 GPUs `torchrun --standalone --nproc_per_node=2 train.py config/tinystories_16x4.py`. Every knob below
+is a global that a config file or --key=value overrides (configurator.py)."""
 
 import json
 import math
@@ -22,7 +18,7 @@ from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model
                                                      get_optimizer_state_dict, set_optimizer_state_dict)
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from model import CheckpointError, DeepSeekV3, ModelArgs, load_checkpoint, pick_device
+from model import CheckpointError, DeepSeekV3, ModelArgs, load_checkpoint, pick_device, save_checkpoint
 
 # -----------------------------------------------------------------------------
 # I/O
@@ -109,24 +105,22 @@ torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
 ctx = torch.autocast(device_type="cuda", dtype=torch.bfloat16) if dtype == "bfloat16" else nullcontext()
 
 # ---- data ------------------------------------------------------------------------------------
-for split in ("train", "val"):
-    path = os.path.join(data_dir, f"{split}.bin")
+for path in (os.path.join(data_dir, f"{split}.bin") for split in ("train", "val")):
     if not os.path.isfile(path):
         die(f"{path} not found: run `python prepare.py` first (or --input FILES for local text)")
-    if os.path.getsize(path) % 2:
+    if (size := os.path.getsize(path)) % 2:
         die(f"{path} is not a whole number of uint16 tokens (truncated?): re-run prepare.py")
-    if (n_tok := os.path.getsize(path) // 2) <= batch_size * block_size:
-        die(f"{path} holds {n_tok} tokens, fewer than one batch (batch_size x block_size + 1 = "
+    if size // 2 <= batch_size * block_size:
+        die(f"{path} holds {size // 2} tokens, fewer than one batch (batch_size x block_size + 1 = "
             f"{batch_size * block_size + 1}): lower batch_size or block_size, or prepare more data")
-meta_path = os.path.join(data_dir, "meta.json")
-if os.path.isfile(meta_path):
+if os.path.isfile(meta_path := os.path.join(data_dir, "meta.json")):
     try:
         with open(meta_path) as f:
-            meta_vocab = int(json.load(f)["vocab_size"])
+            meta = json.load(f)
+        if int(meta["vocab_size"]) > vocab_size:
+            die(f"{meta_path}: the data's {meta['vocab_size']} token ids do not fit vocab_size={vocab_size}")
     except (ValueError, KeyError, TypeError, OSError) as e:
         die(f"{meta_path} is unreadable ({e}): re-run prepare.py")
-    if meta_vocab > vocab_size:
-        die(f"the data's vocabulary ({meta_vocab} tokens, {meta_path}) does not fit vocab_size={vocab_size}")
 tokens_per_iter = gradient_accumulation_steps * world_size * rows * block_size
 loss_terms = "ce" + (f" + {mtp_lambda:g} mtp" if mtp_depth else "") + (" + aux" if seq_aux_alpha else "")
 
@@ -204,17 +198,15 @@ if wandb_log and master and not eval_only:
     try:
         import wandb
         wandb.init(project=wandb_project, name=wandb_run_name, config=config)
-    except ImportError:
-        die("wandb_log=True but wandb is not installed: pip install wandb (or --wandb_log=False)")
-    except Exception as e:  # no API key, a bad WANDB_MODE, ...: whatever it raises, one line
-        why = (str(e).strip().splitlines() or [type(e).__name__])[0]
-        die(f"wandb_log=True: {why} (or log offline: WANDB_MODE=offline)")
+    except Exception as e:  # not installed, no API key, a bad WANDB_MODE, ...: whatever it is, one line
+        why = "wandb is not installed: pip install wandb" if isinstance(e, ImportError) else e
+        die(f"wandb_log=True: {(str(why).strip().splitlines() or [type(e).__name__])[0]} "
+            "(or --wandb_log=False, or log offline: WANDB_MODE=offline)")
 if ddp:
     dist.init_process_group(backend="nccl" if device_type == "cuda" else "gloo")
 if master:
-    n = model.get_num_params()
-    print(f"parameters: {n['total'] / 1e6:.2f}M total, {n['active'] / 1e6:.2f}M active per token, "
-          f"{n['embedding'] / 1e6:.2f}M embedding, {n['mtp'] / 1e6:.2f}M in MTP")
+    print("parameters: {total:,} total, {active:,} active per token, {embedding:,} embedding, {mtp:,} in MTP"
+          .format(**model.get_num_params()))
     print(f"tokens per iteration: {tokens_per_iter:,} ({world_size} rank(s) x {gradient_accumulation_steps} "
           f"micro-steps x {rows} x {block_size})")
 saved_iter = iter_num  # the checkpoint holds this state (or, from scratch, there is nothing to save)
@@ -249,8 +241,10 @@ if ckpt is not None:
     elif master:
         print("note: the checkpoint has no optimizer state; starting a fresh optimizer")
 ckpt = old = None  # free the memory
-if compile and not fsdp:
-    model = torch.compile(model, dynamic=False)  # fixed shapes: no recompiles into dynamic ones
+if compile and not fsdp:  # fixed shapes; one CUDA process replays the step as CUDA graphs: launching
+    # its ~1,000 kernels one by one takes the CPU longer than the GPU takes to run them
+    graphs = device_type == "cuda" and not ddp
+    model = torch.compile(model, dynamic=False, mode="reduce-overhead" if graphs else None)
 if ddp and not fsdp:
     # broadcast_buffers=False: the all-reduced bias update keeps the expert biases identical; the grads ARE
     # the buckets; 100 MB buckets, not PyTorch's 25: under compile each bucket boundary splits the graph
@@ -308,10 +302,9 @@ def get_lr(it):
     return min_lr + 0.5 * (1.0 + math.cos(math.pi * ratio)) * (learning_rate - min_lr)
 
 
-def save_checkpoint():
-    """Every rank calls this (FSDP gathers the shards); rank 0 writes, unsharded and keyed by parameter name
-    (any world size, sample.py and export.py load it), to a temporary file flushed to disk and then renamed
-    over the old one: a kill at any moment leaves the old or the new checkpoint, never half of one."""
+def save():
+    """Every rank calls this (FSDP gathers the shards); rank 0 writes it, unsharded and keyed by parameter
+    name, so any world size, sample.py and export.py load it."""
     global saved_iter
     saved_iter = iter_num
     opts = StateDictOptions(full_state_dict=True, cpu_offload=True)
@@ -319,17 +312,9 @@ def save_checkpoint():
           "optimizer": get_optimizer_state_dict(raw_model, optimizer, options=opts),
           "model_args": asdict(raw_model.args), "iter_num": iter_num, "best_val_loss": best_val_loss,
           "config": config}
-    if not master:
-        return
-    os.makedirs(out_dir, exist_ok=True)
-    with open(ckpt_path + ".tmp", "wb") as f:
-        torch.save(ck, f)
-        f.flush()
-        os.fsync(f.fileno())
-    if keep_last and os.path.exists(ckpt_path):
-        os.replace(ckpt_path, os.path.join(out_dir, "ckpt.prev.pt"))
-    os.replace(ckpt_path + ".tmp", ckpt_path)
-    print(f"saved checkpoint to {ckpt_path} (iter {iter_num})")
+    if master:
+        save_checkpoint(ckpt_path, ck, keep_prev=keep_last)
+        print(f"saved checkpoint to {ckpt_path} (iter {iter_num})")
 
 
 def log(record):
@@ -359,7 +344,7 @@ while True:
                 log({"iter": iter_num, "ce/train": losses["train"], "ce/val": losses["val"], "lr": lr})
         if (losses["val"] < best_val_loss or always_save_checkpoint) and iter_num != saved_iter:
             best_val_loss = min(best_val_loss, losses["val"])
-            save_checkpoint()
+            save()
         t_window, n_window = time.time(), 0  # the logged speed leaves evals and saving out
     if eval_only or iter_num >= max_iters:
         break
@@ -411,7 +396,7 @@ while True:
         break
 
 if iter_num != saved_iter:  # the same on every rank (FSDP's gather needs them all)
-    save_checkpoint()  # the end of the run, or a stop after a step
+    save()  # the end of the run, or a stop after a step
 if device_type == "cuda":
     print(f"rank {rank}: peak GPU memory {torch.cuda.max_memory_allocated(device) / 1e9:.2f} GB")
 if ddp:
