@@ -101,10 +101,11 @@ def _step(model, cache, pending, st, cfg, T):
     pos, fin, e, eot = st["pos"], st["fin"], st["e"], cfg[4]
     tok = pending if T == 1 else torch.cat([pending, draw(st["q"], e[:, 2])[:, None]], dim=1)
     logits, h = model.forward_cached(tok, cache, pos)
-    p = probs_of(logits, *cfg[:4])
-    if T == 1:
-        new, keep, both = draw(p, e[:, :1]), 1, None
+    if T == 1:  # (greedy: the argmax itself, rather than a draw from its one-hot)
+        new = logits[..., :cfg[3]].argmax(-1) if cfg[0] == 0 else draw(probs_of(logits, *cfg[:4]), e[:, :1])
+        keep, both = 1, None
     else:
+        p = probs_of(logits, *cfg[:4])
         live = ~fin
         accepted, first = speculative_accept(p[:, 0], st["q"], tok[:, 1], st["u"], e[:, 0])
         new = torch.stack([first, draw(p[:, 1], e[:, 1])], dim=1)
