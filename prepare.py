@@ -168,7 +168,8 @@ def tokenize(texts, instruct=False):
     if instruct:
         from rl import to_example
     pairs = filter(None, (to_example(t) if instruct else ("", t) for t in map(str.strip, texts) if t))
-    parts = [(_enc.encode_ordinary(p), _enc.encode_ordinary(s) + [_enc.eot_token]) for p, s in pairs]
+    enc = lambda t: _enc.encode_ordinary(t) if t else []  # noqa: E731
+    parts = [(enc(p), enc(s) + [_enc.eot_token]) for p, s in pairs]
     mask = itertools.chain(*([0] * len(p) + [1] * len(s) for p, s in parts))
     ids = np.fromiter(itertools.chain(*(p + s for p, s in parts)), np.int64)
     return ids, np.fromiter(mask, np.uint8), [len(p) + len(s) for p, s in parts]
@@ -244,8 +245,8 @@ def parse_args(argv):
     p.add_argument("--val_input", nargs="+", metavar="PATH",
                    help="validation files, named explicitly (then every --input file is training data)")
     p.add_argument("--val_fraction", type=float, default=0.01,
-                   help=f"no validation file: hold out the last training stories, this fraction or {VAL_TOKENS}"
-                        " tokens, whichever is more, at most half the tokens (default 0.01)")
+                   help=f"no validation file: hold out the last training stories, this fraction or "
+                        f"{VAL_TOKENS} tokens, whichever is more, at most half the tokens (default 0.01)")
     p.add_argument("--instruct", action="store_true", help="SFT data for rl.py's words task, with loss masks")
     p.add_argument("--out_dir", help="default data/tinystories (--instruct: data/tinystories_instruct)")
     p.add_argument("--num_proc", type=int, default=min(8, os.cpu_count() or 1),

@@ -3,7 +3,7 @@
 #   python prepare.py --instruct --input stories.txt              # data/tinystories_instruct
 #   python train.py config/sft_debug.py
 # The expert-bias update stays on, as in config/sft_tinystories.py.
-exec(open(os.path.join(os.path.dirname(__file__), "config", "tinystories_debug.py")).read())  # (train.py's dir)
+exec(open("config/tinystories_debug.py").read())  # its architecture (run from the repository root)
 out_dir = "out-sft-debug"
 data_dir = "data/tinystories_instruct"
 init_from = "out-debug"
