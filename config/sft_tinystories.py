@@ -1,4 +1,4 @@
-# SFT (supervised fine-tuning, DeepSeek's first post-training step) of the 16x4 flagship on rl.py's words task:
+# SFT (supervised fine-tuning, DeepSeek's first post-training step) of the 16x4 on rl.py's words task:
 #   python prepare.py --instruct          # data/tinystories_instruct: prompt + story, loss masks
 #   python train.py config/sft_tinystories.py --init_from=out-tinystories
 # From a pretrained run's weights (init_from: its out_dir; the architecture must match, here ModelArgs'
