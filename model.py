@@ -502,7 +502,7 @@ class DeepSeekV3(nn.Module):
 
     def use_liger(self):  # Liger's fused linear cross-entropy for the loss (liger-kernel installed, CUDA)
         from liger_kernel.transformers import LigerFusedLinearCrossEntropyLoss
-        flce = LigerFusedLinearCrossEntropyLoss()  # its kernels don't trace under torch.compile: run eagerly
+        flce = LigerFusedLinearCrossEntropyLoss(ignore_index=-1)  # no torch.compile tracing: run eagerly
         self.fused_ce = torch.compiler.disable(lambda w, h, t: flce(w, h, t))
 
     def run_block(self, block, *xs):

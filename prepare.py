@@ -3,14 +3,17 @@ Prepare TinyStories for training: GPT-2 BPE tokens (tiktoken) as flat uint16 str
 
     python prepare.py                                   # download roneneldan/TinyStories from the HF hub
     python prepare.py --input train.txt valid.txt       # local files: .txt .jsonl .json .parquet
+    python prepare.py --instruct [--input FILE ...]     # SFT data: TinyStoriesInstruct, or made from stories
 
-Writes <out_dir>/train.bin and val.bin (every story followed by <|endoftext|>, id 50256; read them
-with np.memmap(path, dtype=np.uint16, mode='r')), then meta.json, each complete under a .tmp name
-before it is renamed into place: a crash or a bad input never leaves a half-written file that looks whole.
-Local .txt files: stories are separated by lines that are exactly <|endoftext|> if the file has any
-(the hub's TinyStories-*.txt files), else by blank lines (then each paragraph becomes a story).
+Writes <out_dir>/train.bin and val.bin (every story followed by <|endoftext|>, id 50256; read them with
+np.memmap(path, dtype=np.uint16, mode='r')); with --instruct each story after its prompt (rl.py's words task)
+and {train,val}.mask.bin (a uint8 per token, 1: a target that carries the loss: the story, its end-of-text);
+then meta.json, each complete under a .tmp name before it is renamed into place: a crash or a bad input never
+leaves a half-written file that looks whole. Local .txt files: stories are separated by lines that are exactly
+<|endoftext|> if the file has any (the hub's .txt files), else by blank lines (each paragraph is a story).
 """
 import argparse
+import functools
 import itertools
 import json
 import os
@@ -35,8 +38,8 @@ class PrepareError(Exception):
     """Bad input or environment: main() prints it as one line on stderr and exits 1."""
 
 
-def read_txt(path):
-    text = Path(path).read_text(encoding="utf-8-sig")
+def read_txt(path, text=None):  # (text: the hub's TinyStoriesInstruct, as one text of lines)
+    text = Path(path).read_text(encoding="utf-8-sig") if text is None else text
     eot = re.compile(r"^[ \t]*<\|endoftext\|>[ \t]*$", re.M)
     # with <|endoftext|> lines, blank lines inside a story are its paragraphs: keep them
     return eot.split(text) if eot.search(text) else re.split(r"\n\s*\n", text)
@@ -113,18 +116,21 @@ def load(args):
     global _enc
     if not args.input:
         _enc = load_encoding()  # before the download: no point fetching 2 GB we cannot tokenize
+        name = HF_DATASET + "Instruct" * args.instruct
         try:
             import datasets
             # its retry warnings would bury our one-line error; download progress bars still show
             datasets.logging.set_verbosity_error()
             import huggingface_hub
             huggingface_hub.logging.set_verbosity_error()
-            ds = datasets.load_dataset(HF_DATASET)
+            ds = datasets.load_dataset(name)
         except Exception as e:
-            raise PrepareError(f"could not get {HF_DATASET} from the Hugging Face hub ({type(e).__name__}: "
+            raise PrepareError(f"could not get {name} from the Hugging Face hub ({type(e).__name__}: "
                                f"{e}); use local files with --input FILE [FILE ...], or set "
                                f"HF_DATASETS_OFFLINE=1 to use a local Hugging Face cache")
-        info = {"source": f"huggingface:{HF_DATASET}", "val_from": "hub validation split"}
+        info = {"source": f"huggingface:{name}", "val_from": "hub validation split"}
+        if args.instruct:  # a row per line: join them, a record ends at an <|endoftext|> line
+            ds = {s: read_txt(None, "\n".join(ds[s]["text"])) for s in ("train", "validation")}
         return {"train": ds["train"], "val": ds["validation"]}, info
     val_files = args.val_input or [p for p in args.input if is_val_file(p)]
     train_files = args.input if args.val_input else [p for p in args.input if not is_val_file(p)]
@@ -156,26 +162,35 @@ def _init_worker():
     _enc = _enc or load_encoding()  # None where spawned rather than forked
 
 
-def tokenize(texts):
-    """The stories' token ids, each story ended by <|endoftext|> (encode_ordinary: inside a story, a literal
-    "<|endoftext|>" is text), in one array; and each story's number of tokens."""
-    stories = [_enc.encode_ordinary(t) + [_enc.eot_token] for t in map(str.strip, texts) if t]
-    return np.fromiter(itertools.chain(*stories), np.int64), [len(s) for s in stories]
+def tokenize(texts, instruct=False):
+    """Each story's token ids and <|endoftext|> (encode_ordinary: inside a story, "<|endoftext|>" is text),
+    with instruct after its prompt (rl.to_example), in one array; the loss mask (1: story); their lengths."""
+    if instruct:
+        from rl import to_example
+    pairs = filter(None, (to_example(t) if instruct else ("", t) for t in map(str.strip, texts) if t))
+    enc = lambda t: _enc.encode_ordinary(t) if t else []  # noqa: E731
+    parts = [(enc(p), enc(s) + [_enc.eot_token]) for p, s in pairs]
+    mask = itertools.chain(*([0] * len(p) + [1] * len(s) for p, s in parts))
+    ids = np.fromiter(itertools.chain(*(p + s for p, s in parts)), np.int64)
+    return ids, np.fromiter(mask, np.uint8), [len(p) + len(s) for p, s in parts]
 
 
-def write_split(path, stories, pool, desc):
-    """Tokenizes stories into path as uint16, slice by slice (the hub's are ~2 GB); returns their lengths."""
+def write_split(path, mask_path, stories, pool, desc):
+    """Tokenizes stories into path as uint16 (and with mask_path, the loss mask as uint8), slice by slice (the
+    hub's are ~2 GB); returns their lengths."""
     chunks = (stories[i:i + CHUNK] if isinstance(stories, list) else stories[i:i + CHUNK]["text"]
               for i in range(0, len(stories), CHUNK))
-    lengths = []
-    with open(path, "wb") as f, tqdm(total=len(stories), desc=desc, unit=" stories", disable=None) as bar:
+    lengths, work = [], functools.partial(tokenize, instruct=mask_path is not None)
+    with open(path, "wb") as f, open(mask_path or os.devnull, "wb") as fm, \
+            tqdm(total=len(stories), desc=desc, unit=" stories", disable=None) as bar:
         # hand the pool a bounded batch at a time: Pool.imap would read the whole input into its queue
         while batch := list(itertools.islice(chunks, 64)):
-            for texts, (ids, n) in zip(batch, pool.imap(tokenize, batch) if pool else map(tokenize, batch)):
+            for texts, (ids, mask, n) in zip(batch, pool.imap(work, batch) if pool else map(work, batch)):
                 if len(ids) and ids.max() > 65535:
                     raise PrepareError(f"token id {ids.max()} does not fit in uint16 (max 65535); "
                                        f"this tokenizer needs a wider dtype")
                 f.write(ids.astype(np.uint16).tobytes())
+                fm.write(mask.tobytes())
                 lengths += n
                 bar.update(len(texts))
     return np.array(lengths, dtype=np.int64)
@@ -192,8 +207,9 @@ def hold_out(tmp, lengths, fraction):
         raise PrepareError(f"{len(tail):,} training stories of {total:,} tokens: too few to hold out a "
                            f"val split and keep {MIN_TOKENS} tokens in each (one batch of config/tinystories_"
                            f"debug.py); give more stories, or a validation file with --val_input")
-    np.fromfile(tmp["train.bin"], np.uint16, offset=2 * n_train).tofile(tmp["val.bin"])
-    os.truncate(tmp["train.bin"], 2 * n_train)
+    for ext, size in ((".bin", 2), (".mask.bin", 1))[:1 + ("val.mask.bin" in tmp)]:  # (bytes per token)
+        np.fromfile(tmp["train" + ext], np.uint8, offset=size * n_train).tofile(tmp["val" + ext])
+        os.truncate(tmp["train" + ext], size * n_train)
     lengths["train"], lengths["val"] = lengths["train"][:-k], lengths["train"][-k:]
     return f"the last {k:,} training stories (the more of val_fraction={fraction:g} and {want:,} tokens)"
 
@@ -204,14 +220,14 @@ def write_all(args, tmp):
     # worker processes only pay off with more than one chunk; nullcontext() gives pool = None
     use_pool = args.num_proc > 1 and max(map(len, splits.values())) > CHUNK
     with Pool(args.num_proc, initializer=_init_worker) if use_pool else nullcontext() as pool:
-        lengths = {split: write_split(tmp[split + ".bin"], xs, pool, split)
+        lengths = {split: write_split(tmp[split + ".bin"], tmp.get(split + ".mask.bin"), xs, pool, split)
                    for split, xs in splits.items() if len(xs)}
     if "val" not in lengths:
         info["val_from"] = hold_out(tmp, lengths, args.val_fraction)
     counts = {f"{split}_{what}": int(count(ls)) for what, count in (("tokens", np.sum), ("stories", len))
               for split, ls in lengths.items()}
     meta = dict(tokenizer=_enc.name, vocab_size=_enc.n_vocab, eot_token=_enc.eot_token, dtype="uint16",
-                **counts, **info)
+                instruct=args.instruct, **counts, **info)  # instruct: train.py needs the loss masks
     Path(tmp["meta.json"]).write_text(json.dumps(meta, indent=2) + "\n")
     return meta
 
@@ -229,9 +245,10 @@ def parse_args(argv):
     p.add_argument("--val_input", nargs="+", metavar="PATH",
                    help="validation files, named explicitly (then every --input file is training data)")
     p.add_argument("--val_fraction", type=float, default=0.01,
-                   help=f"with no validation file: hold out the last training stories, this fraction or "
-                        f"{VAL_TOKENS} tokens, whichever is more, but at most half the tokens (default 0.01)")
-    p.add_argument("--out_dir", default=os.path.join("data", "tinystories"))
+                   help=f"no validation file: hold out the last training stories, this fraction or "
+                        f"{VAL_TOKENS} tokens, whichever is more, at most half the tokens (default 0.01)")
+    p.add_argument("--instruct", action="store_true", help="SFT data for rl.py's words task, with loss masks")
+    p.add_argument("--out_dir", help="default data/tinystories (--instruct: data/tinystories_instruct)")
     p.add_argument("--num_proc", type=int, default=min(8, os.cpu_count() or 1),
                    help="tokenizer processes (default min(8, cpu count))")
     args = p.parse_args(argv)
@@ -241,6 +258,7 @@ def parse_args(argv):
         p.error(f"--val_fraction must be between 0 and 1, got {args.val_fraction}")
     if args.num_proc < 1:
         p.error(f"--num_proc must be at least 1, got {args.num_proc}")
+    args.out_dir = args.out_dir or os.path.join("data", "tinystories" + "_instruct" * args.instruct)
     return args
 
 
@@ -249,7 +267,8 @@ def main(argv=None):
         args = parse_args(argv)
     except SystemExit as e:  # --help, or a usage error already printed
         return e.code
-    out = {name: os.path.join(args.out_dir, name) for name in ("train.bin", "val.bin", "meta.json")}
+    names = ["train.bin", "val.bin"] + ["train.mask.bin", "val.mask.bin"] * args.instruct + ["meta.json"]
+    out = {name: os.path.join(args.out_dir, name) for name in names}
     tmp = {name: f"{path}.{os.getpid()}.tmp" for name, path in out.items()}  # two runs never share one
     folder = Path(os.path.abspath(args.out_dir))
     made = [p for p in (folder, *folder.parents) if not os.path.lexists(p)]  # a failed run removes them again
@@ -264,7 +283,7 @@ def main(argv=None):
         # meta.json marks a complete set: drop the old one before swapping the bins, put the new one last
         if os.path.exists(out["meta.json"]):
             os.remove(out["meta.json"])
-        for name in ("train.bin", "val.bin", "meta.json"):
+        for name in names:
             os.replace(tmp[name], out[name])
         made = []
     except PrepareError as e:

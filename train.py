@@ -29,7 +29,7 @@ eval_iters = 50
 eval_only = False               # evaluate init_from's weights, print the losses and exit; writes nothing
 always_save_checkpoint = False  # save every eval, not only when val loss improves
 keep_last = True                # keep the previous checkpoint as ckpt.prev.pt
-init_from = "scratch"           # 'scratch' or 'resume' (from out_dir/ckpt.pt)
+init_from = "scratch"           # 'scratch', 'resume' (out_dir/ckpt.pt), or a run's out_dir (fine-tune it)
 wandb_log = False               # works with WANDB_MODE=offline too
 wandb_project = "deepseek-v3-tinystories"
 wandb_run_name = "run"
@@ -113,14 +113,21 @@ for path in (os.path.join(data_dir, f"{split}.bin") for split in ("train", "val"
     if size // 2 <= batch_size * block_size:
         die(f"{path} holds {size // 2} tokens, fewer than one batch (batch_size x block_size + 1 = "
             f"{batch_size * block_size + 1}): lower batch_size or block_size, or prepare more data")
-if os.path.isfile(meta_path := os.path.join(data_dir, "meta.json")):
+meta_path, masked = os.path.join(data_dir, "meta.json"), False  # masked: only the marked targets count
+if os.path.isfile(meta_path):
     try:
         with open(meta_path) as f:
             meta = json.load(f)
-        if int(meta["vocab_size"]) > vocab_size:
-            die(f"{meta_path}: the data's {meta['vocab_size']} token ids do not fit vocab_size={vocab_size}")
-    except (ValueError, KeyError, TypeError, OSError) as e:
+        meta_vocab, masked = int(meta["vocab_size"]), meta.get("instruct") is True
+    except (ValueError, KeyError, TypeError, AttributeError, OSError) as e:
         die(f"{meta_path} is unreadable ({e}): re-run prepare.py")
+    if meta_vocab > vocab_size:
+        die(f"the data's vocabulary ({meta_vocab} tokens, {meta_path}) does not fit vocab_size={vocab_size}")
+for split in ("train", "val") if masked else ():  # never train on the prompts for want of the masks
+    path = os.path.join(data_dir, f"{split}.mask.bin")
+    if not os.path.isfile(path) or 2 * os.path.getsize(path) != os.path.getsize(path.replace(".mask", "")):
+        die(f"{path} is missing or not one byte per token of {split}.bin, but meta.json says the data is "
+            "instruct data (the masks say which tokens carry the loss): re-run prepare.py --instruct")
 tokens_per_iter = gradient_accumulation_steps * world_size * rows * block_size
 loss_terms = "ce" + (f" + {mtp_lambda:g} mtp" if mtp_depth else "") + (" + aux" if seq_aux_alpha else "")
 
@@ -137,6 +144,9 @@ def get_batch(split, it, micro):
     if xy.max() >= vocab_size:
         die(f"{split}.bin holds token id {xy.max()} >= vocab_size={vocab_size}: wrong data or tokenizer")
     x, y = torch.from_numpy(xy[:, :-1]), torch.from_numpy(xy[:, 1:])
+    if masked:  # a target the mask leaves out (a prompt's token) is -1, which the cross-entropies ignore
+        mask = np.memmap(os.path.join(data_dir, f"{split}.mask.bin"), dtype=np.uint8, mode="r")
+        y = y.masked_fill(torch.from_numpy(np.stack([mask[i + 1:i + 1 + block_size] for i in ix]) == 0), -1)
     if device_type == "cuda":  # pinned memory lets the copy overlap with compute
         return x.pin_memory().to(device, non_blocking=True), y.pin_memory().to(device, non_blocking=True)
     return x.to(device), y.to(device)
@@ -149,11 +159,9 @@ except ValueError as e:
     die(str(e))
 iter_num, best_val_loss, ckpt = 0, 1e9, None
 ckpt_path, log_path = os.path.join(out_dir, "ckpt.pt"), os.path.join(out_dir, "log.jsonl")
-if init_from not in ("scratch", "resume"):
-    die(f"init_from='{init_from}' must be 'scratch' or 'resume'")
 if master and not eval_only:  # out_dir, before any work (eval_only writes nothing)
     old = [f for f in ("ckpt.pt", "ckpt.prev.pt", "log.jsonl") if os.path.exists(os.path.join(out_dir, f))]
-    if init_from == "scratch" and old:  # never replace a run's checkpoints, nor mix two runs in one log
+    if init_from != "resume" and old:  # never replace a run's checkpoints, nor mix two runs in one log
         hint = "continue it with --init_from=resume, or " if "ckpt.pt" in old else ""
         die(f"{out_dir} holds an earlier run ({', '.join(old)}): {hint}use another --out_dir, or remove it")
     parent = out_dir  # out_dir is made at the first write: a run that writes nothing leaves no folder
@@ -179,14 +187,16 @@ def on_signal(signum, frame):
 
 signal.signal(signal.SIGINT, on_signal)
 signal.signal(signal.SIGTERM, on_signal)
-if init_from == "resume":
+if init_from != "scratch":
+    src = ckpt_path if init_from == "resume" else os.path.join(init_from, "ckpt.pt")
     try:
-        old, ckpt = load_checkpoint(ckpt_path)
+        old, ckpt = load_checkpoint(src)
     except CheckpointError as e:
-        die(f"init_from='resume': {e}")
+        die(f"init_from='{init_from}': {e}")
     if diff := margs.differences(old.args):  # training-only knobs may change on resume (fine-tuning)
-        die(f"{ckpt_path} is a different architecture than the config asks for: "
+        die(f"{src} is a different architecture than the config asks for: "
             + ", ".join(f"{k}={getattr(old.args, k)!r} (config: {getattr(margs, k)!r})" for k in diff[:4]))
+    ckpt = ckpt if init_from == "resume" else {}  # another run's weights: a fresh optimizer and step count
     iter_num, best_val_loss = int(ckpt.get("iter_num", 0)), float(ckpt.get("best_val_loss", 1e9))
     if iter_num >= max_iters and not eval_only:  # a finished run: nothing to train, nothing to write
         print(f"{ckpt_path} has done all max_iters={max_iters} steps: nothing to do (raise max_iters)")
@@ -238,7 +248,7 @@ if ckpt is not None:
                                  options=StateDictOptions(full_state_dict=True))
         for group in optimizer.param_groups:  # an older checkpoint's unfused AdamW loses: the step needs
             group["fused"], group["foreach"] = True, None  # fused AdamW's found_inf to skip a bad step
-    elif master:
+    elif master and init_from == "resume":
         print("note: the checkpoint has no optimizer state; starting a fresh optimizer")
 ckpt = old = None  # free the memory
 if compile and not fsdp:  # fixed shapes; one CUDA process replays the step as CUDA graphs: launching

@@ -165,7 +165,7 @@ def test_hold_out_rule(tmp_path, capsys, fake_enc, monkeypatch, n, frac, n_val):
 
 def test_hold_out_constants_are_the_shipped_configs_batches():
     batches = {p.name: (c["batch_size"] * c["block_size"])
-               for p in (REPO / "config").glob("*.py") for c in [runpy.run_path(str(p))]}
+               for p in (REPO / "config").glob("*.py") for c in [runpy.run_path(str(p))] if "batch_size" in c}
     assert prepare.VAL_TOKENS == max(batches.values()) == batches["tinystories_16x4.py"]
     assert 512 == min(batches.values()) == batches["tinystories_debug.py"]
 
@@ -187,9 +187,9 @@ def test_one_file_gives_splits_the_shipped_configs_can_use(tmp_path, enc, n_stor
     total = sum(enc.encode_ordinary(s).__len__() + 1 for s in stories)
     assert n["train"] + n["val"] == total
     for cfg in (REPO / "config").glob("*.py"):
-        c = runpy.run_path(str(cfg))
-        batch = c["batch_size"] * c["block_size"]
-        if 2 * batch <= total:  # the data holds two batches: train.py must find one in each split
+        c = runpy.run_path(str(cfg))  # (rl.py's configs have no batches)
+        batch = c.get("batch_size", 0) * c.get("block_size", 0)
+        if 0 < 2 * batch <= total:  # the data holds two batches: train.py must find one in each split
             assert min(n.values()) >= batch, (cfg.name, n)
     assert n["val"] >= 512 and json.loads((data / "meta.json").read_text())["val_stories"] >= n_stories // 100
 
@@ -499,3 +499,24 @@ def test_ctrl_c_while_workers_tokenize(tmp_path):
             p.wait()
     assert (p.returncode, out, err) == (130, "", "error: interrupted\n")
     assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize("split_by", ["hold_out", "val_file"])
+def test_instruct_writes_prompts_stories_and_loss_masks(tmp_path, capsys, enc, split_by):
+    """--instruct: each story after its words-task prompt; the masks mark the story and its <|endoftext|>
+    (what carries the loss), one byte per token, also across the held-out split."""
+    stories = [f"Lily found a {w} toy near the old {w} tree. She smiled and hugged her little {w} dog." for w in
+               ("red", "blue", "green", "yellow", "pink")] * 40
+    (tmp_path / "s.txt").write_text("\n\n".join(stories))
+    (tmp_path / "v.txt").write_text("\n\n".join(stories[:50]))
+    extra = ["--val_input", tmp_path / "v.txt"] if split_by == "val_file" else []
+    code, _, err = run(capsys, "--instruct", "--input", tmp_path / "s.txt", *extra, "--out_dir", tmp_path / "d")
+    assert code == 0, err
+    assert json.loads((tmp_path / "d" / "meta.json").read_text())["instruct"] is True
+    for split in ("train", "val"):
+        ids = np.fromfile(tmp_path / "d" / f"{split}.bin", np.uint16)
+        mask = np.fromfile(tmp_path / "d" / f"{split}.mask.bin", np.uint8)
+        assert len(ids) == len(mask) and set(mask) == {0, 1}
+        assert (mask[ids == enc.eot_token] == 1).all()  # every story's end-of-text is a target
+        prompts, texts = enc.decode(ids[mask == 0].tolist()), enc.decode(ids[mask == 1].tolist())
+        assert "Words: " in prompts and "Story: " in prompts and "Words:" not in texts and "Lily found" in texts

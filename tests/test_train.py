@@ -553,3 +553,24 @@ def test_wandb_offline(tmp):
     assert p.returncode == 0
     runs = list((tmp / "wandb").glob("offline-run-*"))
     assert runs and any(f.suffix == ".wandb" for f in runs[0].iterdir())
+
+
+def test_instruct_data_trains_on_the_masked_targets_only(tmp, monkeypatch):
+    """prepare.py --instruct data: only targets whose mask byte is 1 carry the loss; without the masks, one line;
+    init_from=<a run's out_dir> fine-tunes its weights from step 0; a missing one is one line."""
+    d = tmp / "data"
+    meta = json.loads((d / "meta.json").read_text())
+    run_train(tmp, "--max_iters=2", "--eval_interval=1000")  # a base, on plain data
+    (d / "meta.json").write_text(json.dumps({**meta, "instruct": True}))
+    one_line_error(run_train_here(tmp, monkeypatch, "--eval_only=True"), "train.mask.bin", "prepare.py --instruct")
+    losses = []
+    for keep in (lambda n: np.ones(n), lambda n: np.arange(n) % 3 == 0):  # all targets; every third
+        for split in ("train", "val"):
+            keep(os.path.getsize(d / f"{split}.bin") // 2).astype(np.uint8).tofile(d / f"{split}.mask.bin")
+        out = run_train_here(tmp, monkeypatch, "--eval_only=True", f"--init_from={tmp / 'out'}").stdout
+        losses.append(out[out.index("eval ce"):])
+    assert losses[0] != losses[1]
+    one_line_error(run_train_here(tmp, monkeypatch, f"--init_from={tmp / 'nope'}", f"--out_dir={tmp / 'sft'}"),
+                   "init_from=", "no checkpoint at")
+    run_train(tmp, f"--init_from={tmp / 'out'}", f"--out_dir={tmp / 'sft'}", "--max_iters=2", "--eval_interval=1000")
+    assert load_checkpoint(str(tmp / "sft" / "ckpt.pt"))[1]["iter_num"] == 2
