@@ -22,8 +22,8 @@ from model import DeepSeekV3, ModelArgs, pick_device
 batch_size = 64
 seed = 1337
 device = "auto"
-dtype = "auto"             # bfloat16 on CUDA, float32 elsewhere
-compile = None             # None = on CUDA only
+dtype = "auto"             # as train.py: by the GPU (model.pick_device)
+compile = None             # as train.py: None = on CUDA GPUs that Triton runs on
 steps = 30                 # timed steps (after warmup)
 warmup = 8
 twin = True                # also bench the dense twin (same active FFN width, no routing)
@@ -53,21 +53,16 @@ for path in filter(None, (out_json, profile_file)):  # checked before the benchm
     except OSError as e:
         raise SystemExit(f"error: cannot write {path} ({e.strerror})")
 try:
-    device, dtype = pick_device(device, dtype)
+    device, dtype, compile, moe_impl, device_line = pick_device(device, dtype, compile, moe_impl)
+    base = ModelArgs(**{f.name: globals()[f.name] for f in fields(ModelArgs)})
 except ValueError as e:
     raise SystemExit(f"error: {e}")
-if dtype == "float16":
-    raise SystemExit("error: dtype='float16': bench.py times train.py's step, in 'bfloat16' or 'float32'")
 device_type = device.split(":")[0]
-if compile is None:
-    compile = device_type == "cuda"
 torch.manual_seed(seed)
 torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True  # as train.py
-ctx = torch.autocast(device_type, dtype=torch.bfloat16) if dtype == "bfloat16" else nullcontext()
-base = ModelArgs(**{f.name: globals()[f.name] for f in fields(ModelArgs)})
+ctx = torch.autocast(device_type, dtype=getattr(torch, dtype)) if dtype != "float32" else nullcontext()
 B, T = batch_size, base.block_size
-results = {"device": torch.cuda.get_device_name() if device_type == "cuda" else device_type,
-           "torch": torch.__version__, "batch_size": B, "block_size": T}
+results = {"device": device_line, "torch": torch.__version__, "batch_size": B, "block_size": T}
 
 
 def sync():
@@ -90,13 +85,14 @@ def timeit(fn, n=steps, w=warmup):
 
 
 def make_step(args, liger=False):
-    """train.py's step (tests/test_bench.py checks it): autocast forward and backward through the compiled
-    model, clipping, then model.optimizer_step (AdamW and the expert-bias update, skipped if not finite)."""
+    """train.py's step (tests/test_bench.py checks it): autocast forward and (fp16: scaled) backward through the
+    compiled model, clipping, model.optimizer_step (AdamW and the bias update, skipped if not finite)."""
     torch.manual_seed(seed)
     model = DeepSeekV3(args).to(device)
     if liger:
         model.use_liger()
     opt = model.configure_optimizers(0.1, 1e-4, (0.9, 0.95))
+    scaler = torch.amp.GradScaler(device_type, enabled=dtype == "float16")
     fwd = torch.compile(model, dynamic=False, mode="reduce-overhead" if device_type == "cuda" else None) \
         if compile else model
     g = torch.Generator(device="cpu").manual_seed(seed)
@@ -105,8 +101,10 @@ def make_step(args, liger=False):
     def step():
         with ctx:
             _, loss = fwd(x, y)
-        loss.backward()
+        scaler.scale(loss).backward()
+        scaler.unscale_(opt)
         model.optimizer_step(opt, torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0))
+        scaler.update()
         opt.zero_grad(set_to_none=True)
     return model, step, x, y
 
@@ -199,8 +197,8 @@ def sample_setup():
     modes = {k: every[k] for k in decode_modes.split(",") if k == "eager" or device_type == "cuda"}
     if not modes:
         raise SystemExit(f"error: decode_modes={decode_modes!r}: the graph modes need CUDA; add eager")
-    model = load_checkpoint(ckpt)[0] if ckpt else DeepSeekV3(base)
-    wdt = torch.bfloat16 if dtype == "bfloat16" else torch.float32
+    model = load_checkpoint(ckpt, moe_impl=moe_impl)[0] if ckpt else DeepSeekV3(base)
+    wdt = getattr(torch, dtype)
     for p in model.parameters():  # as sample.py does: the buffers (RoPE tables, expert biases) stay fp32
         p.data = p.data.to(wdt)
     model.to(device).eval()
@@ -270,10 +268,11 @@ def bench_sample():
 
 
 if __name__ == "__main__":
+    print(device_line)
     if device_type == "cuda":
         results["matmul_peak"] = matmul_peak()
-        print(f"device: {results['device']}, torch {torch.__version__}, bf16 matmul peak "
-              f"{results['matmul_peak'] / 1e12:.0f} TFLOP/s", flush=True)
+        print(f"torch {torch.__version__}, bf16 matmul peak {results['matmul_peak'] / 1e12:.0f} TFLOP/s",
+              flush=True)
     if sample:
         bench_sample()
     if train:

@@ -63,7 +63,7 @@ class ModelArgs:
     mscale: float = 1.0             # YaRN: softmax scale *= (0.1 * mscale * ln(factor) + 1)^2
     norm_eps: float = 1e-6          # RMSNorm epsilon (DeepSeek's value)
     # --- implementation choices (not architecture) ---
-    moe_impl: str = "auto"          # 'grouped' (torch._grouped_mm), 'dense' (the masked reference), 'auto'
+    moe_impl: str = "auto"          # 'grouped' (torch._grouped_mm), 'padded' (any device), 'auto' (by GPU)
 
     # knobs that change how the model trains, not the function it computes (train.py's resume may change them)
     TRAINING_ONLY = ("dropout", "bias_update_speed", "seq_aux_alpha", "noisy_topk", "noise_std", "mtp_lambda",
@@ -89,7 +89,7 @@ class ModelArgs:
             ("qk_rope_head_dim", self.qk_rope_head_dim % 2 == 0, "must be even (RoPE rotates pairs of dims)"),
             ("dropout", 0.0 <= self.dropout < 1.0, "must be in [0, 1)"),
             ("score_func", self.score_func in ("sigmoid", "softmax"), "must be 'sigmoid' or 'softmax'"),
-            ("moe_impl", self.moe_impl in ("auto", "grouped", "dense"), "must be 'auto', 'grouped', 'dense'"),
+            ("moe_impl", self.moe_impl in ("auto", "grouped", "padded"), "must be auto, grouped or padded"),
             ("rope_theta", self.rope_theta > 0, "must be > 0"),
             ("route_scale", self.route_scale > 0, "must be > 0"),
             ("rope_factor", self.rope_factor >= 1.0, "must be >= 1 (1: no YaRN)"),
@@ -278,23 +278,24 @@ class Gate(nn.Module):
         return w * a.route_scale, idx, scores
 
 
-class GroupedLinear(torch.autograd.Function):
-    """y[rows of expert e] = x[rows of expert e] @ w[e]^T via torch._grouped_mm, backward written out (the
-    CPU kernel has none that works). x: (M, in) sorted by expert, w: (E, out, in), offs: (E,) row ends."""
+class ExpertLinear(torch.autograd.Function):
+    """Each expert's rows times its weights w (E, out, in), backward written out: rows x (R, in) sorted by
+    expert (offs: their ends) via torch._grouped_mm (its CPU backward fails), or tiles x (N, M, in): a bmm."""
 
     @staticmethod
-    def forward(ctx, x, w, offs):
-        ctx.save_for_backward(x, w, offs)
-        return torch._grouped_mm(x, w.transpose(-2, -1), offs=offs)
+    def forward(ctx, x, w, offs, tiles):
+        ctx.save_for_backward(x, w, offs, tiles)
+        return torch._grouped_mm(x, w.mT, offs=offs) if tiles is None else torch.bmm(x, w[tiles].mT)
 
     @staticmethod
     def backward(ctx, dy):
-        x, w, offs = ctx.saved_tensors
-        dy = dy.contiguous()
-        # (the CPU kernel wants its second operand column-major, hence the transposed copy)
-        dx = torch._grouped_mm(dy, w.transpose(-2, -1).contiguous().transpose(-2, -1), offs=offs)
-        dw = torch._grouped_mm(dy.t(), x, offs=offs)  # per expert: dy_e^T x_e, (E, out, in)
-        return dx, dw, None
+        x, w, offs, tiles = ctx.saved_tensors
+        if tiles is not None:  # w gathered again, not kept N times; dw: each tile's dy^T x, summed in fp32
+            dw = torch.zeros(w.shape, device=w.device).index_add_(0, tiles, torch.bmm(dy.mT, x).float())
+            return torch.bmm(dy, w[tiles]), dw.to(w.dtype), None, None
+        dy = dy.contiguous()  # (the CPU kernel wants its second operand column-major: the transposed copy)
+        return (torch._grouped_mm(dy, w.mT.contiguous().mT, offs=offs),
+                torch._grouped_mm(dy.t(), x, offs=offs), None, None)  # dw per expert: dy_e^T x_e
 
 
 class Dispatch(torch.autograd.Function):
@@ -328,18 +329,6 @@ class MoE(nn.Module):
         # tokens routed to each expert since the last update_expert_bias(); cleared every step, so not saved
         self.register_buffer("tokens_per_expert", torch.zeros(E, dtype=torch.float32), persistent=False)
 
-    @staticmethod
-    def matmul_dtype(x):
-        autocast = x.is_cuda and torch.is_autocast_enabled("cuda")
-        return torch.get_autocast_dtype("cuda") if autocast else x.dtype
-
-    def experts_impl(self, x):
-        if self.args.moe_impl != "auto":
-            return self.args.moe_impl
-        # grouped_mm runs in bf16 on CUDA, in fp32 on eager CPU (compiled: bf16 only), maybe nowhere else
-        eager_cpu = x.device.type == "cpu" and not torch.compiler.is_compiling()
-        return "grouped" if (self.matmul_dtype(x) == torch.bfloat16 if x.is_cuda else eager_cpu) else "dense"
-
     def forward(self, x):
         """x: (B, T, d) -> (y, counts (E,), seq_aux_loss scalar)."""
         a = self.args
@@ -349,8 +338,7 @@ class MoE(nn.Module):
         E, K = a.n_routed_experts, a.n_activated_experts
         counts = torch.zeros(E, device=x.device, dtype=torch.float32)
         counts.scatter_add_(0, idx.flatten(), torch.ones_like(idx.flatten(), dtype=torch.float32))
-        grouped = self.experts_impl(x) == "grouped"
-        y = self.run_grouped(xf, w, idx, counts) if grouped else self.run_dense(xf, w, idx)
+        y = self.run_experts(xf, w, idx, counts)
         if self.shared is not None:
             y = y + self.shared(xf)
         aux = x.new_zeros((), dtype=torch.float32)
@@ -364,29 +352,34 @@ class MoE(nn.Module):
             aux = a.seq_aux_alpha * (f * (E / (K * T)) * P).sum(-1).mean()
         return y.view(B, T, d), counts, aux
 
-    def run_grouped(self, x, w, idx, counts):
+    def run_experts(self, x, w, idx, counts):
         # sort the (token, slot) pairs by expert, run each expert on its contiguous rows, unsort
-        K = idx.shape[1]
+        K, d = idx.shape[1], x.shape[1]
         order = idx.flatten().argsort(stable=True)   # row r of the sorted batch is slot order[r]
         inv = torch.empty_like(order).scatter_(0, order, torch.arange(order.numel(), device=x.device))
-        offs = counts.cumsum(0).to(torch.int32)
-        dt = self.matmul_dtype(x)
+        dt = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
         xs = Dispatch.apply(x.to(dt), order, inv, K)
-        w13 = torch.cat([self.w1, self.w3], dim=1).to(dt)  # both input projections in one GEMM
         ws = w.flatten()[order].unsqueeze(-1)              # each sorted row's gate weight
-        a, b = GroupedLinear.apply(xs, w13, offs).chunk(2, dim=-1)
+        offs, tiles = counts.cumsum(0).to(torch.int32), None
+        if self.args.moe_impl != "grouped":
+            # each expert's rows padded with zeros to whole tiles of M rows, one bmm: N tiles fit any routing
+            # (static shapes, no host sync, no token dropped); M = rows / 4E pads about a quarter more rows
+            E, rows, c = counts.numel(), order.numel(), counts.long()
+            M = -(-rows // (4 * E))
+            n = (c + M - 1) // M  # tiles per expert
+            N, ends = (rows + min(E, rows) * (M - 1)) // M, n.cumsum(0)  # N >= sum(n), whatever the counts
+            tiles = torch.searchsorted(ends, torch.arange(N, device=x.device), right=True).clamp_(max=E - 1)
+            # sorted row r of expert e goes to r - (e's first sorted row) + M * (e's first tile)
+            pos = torch.arange(rows, device=x.device) + ((ends - n) * M - offs + c)[idx.flatten()[order]]
+            xs = xs.new_zeros(N * M, d).index_copy(0, pos, xs).view(N, M, d)
+            ws = ws.new_zeros(N * M, 1).index_copy(0, pos, ws).view(N, M, 1)
+        w13 = torch.cat([self.w1, self.w3], dim=1).to(dt)  # both input projections in one GEMM
+        a, b = ExpertLinear.apply(xs, w13, offs, tiles).chunk(2, dim=-1)
         # scale by the gate weight before the down-projection: W2(g h) = g W2(h), on fewer dims
-        ys = GroupedLinear.apply((F.silu(a) * b * ws).to(dt), self.w2.to(dt), offs)
-        y = Dispatch.apply(ys, inv, order, 1).view(-1, K, x.shape[1])            # back to (N, k, d)
+        ys = ExpertLinear.apply((F.silu(a) * b * ws).to(dt), self.w2.to(dt), offs, tiles)
+        ys = ys if tiles is None else ys.flatten(0, 1).index_select(0, pos)  # (unpadded)
+        y = Dispatch.apply(ys, inv, order, 1).view(-1, K, d)            # back to (N, k, d)
         return y.sum(1, dtype=torch.float32).type_as(x)
-
-    def run_dense(self, x, w, idx):
-        # every expert on every token, zero weight where not picked: E/k times the work, but no
-        # data-dependent shapes or host syncs, so it compiles on any device (and is the reference)
-        gates = w.new_zeros(x.shape[0], self.args.n_routed_experts).scatter_(1, idx, w)  # (N, E) fp32
-        h = F.silu(torch.einsum("nd,ehd->enh", x, self.w1)) * torch.einsum("nd,ehd->enh", x, self.w3)
-        y = torch.einsum("enh,edh->end", h, self.w2)
-        return torch.einsum("end,ne->nd", y.float(), gates).type_as(x)
 
 
 # -----------------------------------------------------------------------------
@@ -464,7 +457,6 @@ class DeepSeekV3(nn.Module):
     def moe_layers(self):
         return [m for m in self.modules() if isinstance(m, MoE)]
 
-    # ---- training / evaluation forward -------------------------------------------------------
     def forward(self, idx, targets=None):
         """idx, targets: (B, T) token ids. Training mode with targets: loss = main CE + mtp_lambda *
         mean(MTP CEs) + balance loss. Eval mode: main CE only (comparable to any other LM); the MTP
@@ -496,9 +488,7 @@ class DeepSeekV3(nn.Module):
                     mod.block.ffn.tokens_per_expert.add_(counts)
                 mtp_losses.append(self.lm_loss(hn, targets[:, k:])[1])
             loss = loss + self.args.mtp_lambda * torch.stack(mtp_losses).mean()
-        if self.training:
-            loss = loss + aux
-        return logits, loss
+        return logits, loss + aux if self.training else loss
 
     def use_liger(self):  # Liger's fused linear cross-entropy for the loss (liger-kernel installed, CUDA)
         from liger_kernel.transformers import LigerFusedLinearCrossEntropyLoss
@@ -516,7 +506,6 @@ class DeepSeekV3(nn.Module):
         logits = self.head(h)
         return logits, F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=-1)
 
-    # ---- the auxiliary-loss-free balancing step ------------------------------------------------
     @torch.no_grad()
     def update_expert_bias(self, scale=None):
         """Once per optimizer step: b_i += speed * sign(mean_load - load_i) over the tokens counted (all
@@ -528,9 +517,7 @@ class DeepSeekV3(nn.Module):
         if torch.distributed.is_available() and torch.distributed.is_initialized():
             torch.distributed.all_reduce(counts)
         mean = counts.mean(-1, keepdim=True)
-        delta = self.args.bias_update_speed * torch.sign(mean - counts)
-        if scale is not None:
-            delta = delta * scale
+        delta = self.args.bias_update_speed * torch.sign(mean - counts) * (1 if scale is None else scale)
         for m, dl in zip(layers, delta):
             if m.gate.bias is not None:  # (softmax routing has no bias)
                 m.gate.bias.add_(dl)
@@ -539,7 +526,6 @@ class DeepSeekV3(nn.Module):
             m.tokens_per_expert.zero_()
         return (counts.amax(-1) / mean.squeeze(-1).clamp_min(1e-9) - 1).mean()
 
-    # ---- inference with the compressed MLA cache -------------------------------------------------
     def make_cache(self, batch_size, max_len=None, device=None, dtype=torch.float32):
         """Per layer (main, then MTP): kv latent (B, S, kv_lora_rank), rotary key (B, S, qk_rope_head_dim)."""
         a = self.args
@@ -583,7 +569,6 @@ class DeepSeekV3(nn.Module):
         x, xn = mod(h, self.tok_emb(next_idx), cos, sin, cache[self.args.n_layer + depth], start_pos)[:2]
         return self.head(xn), x
 
-    # ---- accounting ----------------------------------------------------------------------------
     def get_num_params(self):
         """Counts for the main model (MTP apart): total, active per token, embedding; and mtp."""
         total = sum(p.numel() for n, p in self.named_parameters() if not n.startswith("mtp."))
@@ -608,8 +593,7 @@ class DeepSeekV3(nn.Module):
         return 6 * matmul + attn
 
     def estimate_mfu(self, tokens_per_s, peak_flops=989e12, T=None):
-        """Model FLOPs utilisation of training at tokens_per_s on sequences of T (default block_size) against
-        peak_flops (default: H100 SXM bf16 dense, 989 TFLOP/s; times the GPU count for several)."""
+        """Training's MFU at tokens_per_s on T-token sequences against peak_flops (H100 bf16 dense x GPUs)."""
         return self.estimate_flops_per_token(T) * tokens_per_s / peak_flops
 
     @torch.no_grad()
@@ -630,18 +614,34 @@ class DeepSeekV3(nn.Module):
         return torch.optim.AdamW(groups, lr=learning_rate, betas=betas, fused=True)
 
 
-def pick_device(device="auto", dtype="auto"):
-    """-> (device, dtype), 'auto' resolved; ValueError (one line for the user) for what this machine lacks."""
+def pick_device(device="auto", dtype="auto", compile=None, moe_impl="auto"):
+    """-> (device, dtype, compile, moe_impl, a line saying so): 'auto' by the GPU's class; or ValueError."""
     count = {"cpu": 1, "mps": int(torch.backends.mps.is_available()), "cuda": torch.cuda.device_count()}
     device = ("cuda" if count["cuda"] else "mps" if count["mps"] else "cpu") if device == "auto" else device
     kind, colon, i = device.partition(":")
     if kind not in count or colon and not (kind == "cuda" and i.isdigit()) or int(i or 0) >= count[kind]:
         raise ValueError(f"device='{device}' is not available here (use --device=cpu or --device=auto)")
-    if dtype == "auto":  # bf16 where the GPU has it
-        dtype = "bfloat16" if kind == "cuda" and torch.cuda.is_bf16_supported() else "float32"
-    if dtype not in ("float32", "bfloat16", "float16"):
-        raise ValueError(f"dtype='{dtype}' must be 'auto', 'float32', 'bfloat16' or 'float16'")
-    return device, dtype
+    cuda, cc = kind == "cuda", torch.cuda.get_device_capability(device) if kind == "cuda" else (0, 0)
+    name = f"{torch.cuda.get_device_name(device)} (sm{cc[0]}{cc[1]})" if cuda else kind
+    bf16 = cuda and torch.cuda.is_bf16_supported(including_emulation=False)  # (older GPUs emulate it, slowly)
+    triton = cc >= (7, 0) or not cuda  # torch.compile's GPU backend needs compute capability >= 7.0
+    dtype = ("bfloat16" if bf16 else "float16" if cuda else "float32") if dtype == "auto" else dtype
+    compile = cuda and triton if compile is None else compile
+    if moe_impl == "auto":  # grouped_mm: fast on Hopper; on 8.x a loop over the experts that syncs
+        moe_impl = "grouped" if cc >= (9, 0) and dtype == "bfloat16" else "padded"
+    for bad, msg in [
+        (dtype not in ("float32", "bfloat16", "float16"),
+         f"dtype='{dtype}' must be 'auto', 'float32', 'bfloat16' or 'float16'"),
+        (dtype == "float16" and not cuda, f"dtype='float16' needs a CUDA GPU: on {kind} use float32"),
+        (dtype == "bfloat16" and not bf16, f"dtype='bfloat16' needs a GPU of compute capability 8+: {name}"),
+        (not isinstance(compile, bool), f"compile={compile!r} must be True, False or None (= auto)"),
+        (compile and not triton, f"compile=True: Triton needs a GPU of compute capability 7+: {name}"),
+        (moe_impl == "grouped" and (dtype != "bfloat16" if cuda else kind != "cpu" or compile),
+         "moe_impl='grouped' (torch._grouped_mm) needs CUDA in bfloat16, or an eager CPU: use padded")]:
+        if bad:
+            raise ValueError(msg)
+    how = "compiled" if compile else "not compiled" + ("" if triton else " (Triton needs sm70 or newer)")
+    return device, dtype, compile, moe_impl, f"{name}: {dtype}, {how}, {moe_impl} experts"
 
 
 # -----------------------------------------------------------------------------
@@ -664,7 +664,7 @@ def save_checkpoint(path, ckpt, keep_prev=True):
     os.replace(path + ".tmp", path)
 
 
-def load_checkpoint(path, map_location="cpu"):
+def load_checkpoint(path, map_location="cpu", moe_impl="auto"):
     """-> (DeepSeekV3 with the checkpoint's weights, the checkpoint dict); bad files raise CheckpointError."""
     if not os.path.isfile(path):
         raise CheckpointError(f"no checkpoint at {path} (train one with train.py, or point out_dir at one)")
@@ -679,7 +679,7 @@ def load_checkpoint(path, map_location="cpu"):
         raise CheckpointError(f"{path} is from a different architecture "
                               f"(unknown model args: {', '.join(unknown[:5])})")
     try:
-        args = ModelArgs(**ckpt["model_args"])
+        args = ModelArgs(**{**ckpt["model_args"], "moe_impl": moe_impl})  # (saved: the trainer GPU's)
     except (ValueError, TypeError) as e:
         raise CheckpointError(f"{path} holds impossible model args: {e}") from None
     model = DeepSeekV3(args)

@@ -104,7 +104,7 @@ weight_decay = 0.0
 grad_clip = 1.0
 seed = 1337
 device = "auto"                 # 'auto' (cuda, else mps, else cpu), 'cpu', 'cuda', 'cuda:1', 'mps'
-dtype = "auto"                  # 'auto' (bfloat16 on CUDA if supported, else float32), 'float32', 'bfloat16'
+dtype = "auto"                  # 'auto' (by the GPU: model.pick_device), 'float32', 'bfloat16'
 cuda_graph = True               # rollouts replay each decoding step as a CUDA graph (CUDA only)
 
 
@@ -192,7 +192,7 @@ def setup():
     if min(prompts_per_step, ppo_epochs, max_new_tokens, eval_interval) < 1 or not 0 < clip_eps < 1:
         fail("prompts_per_step, ppo_epochs, max_new_tokens, eval_interval must be >= 1, clip_eps in (0, 1)")
     try:
-        dev, dt = pick_device(device, dtype)
+        dev, dt, _, experts, _ = pick_device(device, dtype, compile=False)
         enc = load_encoding()
     except (ValueError, PrepareError) as e:
         fail(e)
@@ -205,9 +205,9 @@ def setup():
         fail(f"{out_dir} holds an earlier run ({', '.join(old)}): continue it with --init_from=resume, "
              "or use another --out_dir, or remove it")
     try:
-        model, ckpt = load_checkpoint(src)
+        model, ckpt = load_checkpoint(src, moe_impl=experts)
         base = ckpt.get("base", src) if init_from == "resume" else src  # the KL reference: the SFT model
-        ref = load_checkpoint(base)[0].to(dev).eval() if kl_coef and not eval_only else None
+        ref = load_checkpoint(base, moe_impl=experts)[0].to(dev).eval() if kl_coef and not eval_only else None
     except CheckpointError as e:
         fail(f"init_from='{init_from}': {e}")
     if prompt_len + max_new_tokens > model.args.block_size:

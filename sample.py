@@ -265,21 +265,21 @@ def fail(msg, code=1):
     sys.exit(code)
 
 
-def load_model(path, device, dtype, speculative):
-    """-> (the checkpoint's model on the device, in the dtype, device, dtype), or one error line."""
+def load_model(path, device, dtype, compile, speculative):
+    """-> (the checkpoint's model on the device in the dtype, compile, pick_device's line), or an error line."""
     try:
-        device, dtype = pick_device(device, dtype)
+        device, dtype, compile, moe_impl, line = pick_device(device, dtype, compile)
     except ValueError as e:
         fail(e, 2)
     try:
-        model = load_checkpoint(path, map_location="cpu")[0]
+        model = load_checkpoint(path, map_location="cpu", moe_impl=moe_impl)[0]
     except CheckpointError as e:
         fail(e)
     if speculative and model.args.mtp_depth < 1:
         fail(f"{path} has no MTP module (mtp_depth=0): speculative decoding needs one", 2)
     for p in model.parameters():  # the buffers (RoPE tables, expert biases) stay fp32, as in training
         p.data = p.data.to(getattr(torch, dtype))
-    return model.to(device).eval(), device, dtype
+    return model.to(device).eval(), compile, line
 
 
 def main():
@@ -299,7 +299,8 @@ def main():
             fail(f"cannot read the prompt file '{start[5:]}': {getattr(e, 'strerror', None) or e}")
     torch.manual_seed(seed)
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
-    model, dev, dt = load_model(os.path.join(out_dir, "ckpt.pt"), device, dtype, speculative)
+    model, compiled, line = load_model(os.path.join(out_dir, "ckpt.pt"), device, dtype, compile, speculative)
+    dev = model.tok_emb.weight.device
     try:
         enc, V = load_encoding(), model.args.vocab_size
     except PrepareError as e:
@@ -315,7 +316,8 @@ def main():
     t0 = time.perf_counter()
     y, st = generate(model, torch.tensor([ids] * num_samples, device=dev), max_new_tokens, temperature, top_k,
                      top_p, eot, torch.Generator(device=dev).manual_seed(seed), speculative=speculative,
-                     vocab_size=min(V, enc.n_vocab), on_tokens=stream, cuda_graph=cuda_graph, compile=compile)
+                     vocab_size=min(V, enc.n_vocab), on_tokens=stream, cuda_graph=cuda_graph,
+                     compile=compiled)
     secs = time.perf_counter() - t0  # (generate's last read waited for the device)
     rows = y[:, len(ids):].tolist()
     for row in rows:
@@ -329,7 +331,7 @@ def main():
         made = sum(r.index(eot) + 1 if eot in r else len(r) for r in rows)
         a, d = st["accepted"], st["drafted"]
         note = f"; drafts accepted {a}/{d} = {a / max(d, 1):.1%}" if speculative else ""
-        print(f"{made} tokens in {secs:.2f}s: {made / secs:.1f} tokens/s ({dev}, {dt}){note}",
+        print(f"{made} tokens in {secs:.2f}s: {made / secs:.1f} tokens/s ({line}){note}",
               file=sys.stderr)
 
 
@@ -346,7 +348,7 @@ if __name__ == "__main__":
     speculative = False             # MTP drafts the token after next, the main model verifies
     seed = 1337
     device = "auto"                 # 'auto' (cuda, else mps, else cpu), 'cpu', 'cuda', 'cuda:1', 'mps'
-    dtype = "auto"                  # 'auto' (bf16 on CUDA if it can, else fp32), float32, bfloat16, float16
+    dtype = "auto"                  # 'auto' (by the GPU: model.pick_device), float32, bfloat16, float16
     compile = False                 # torch.compile the decode step: a minute of compiling, then faster
     cuda_graph = True               # on CUDA, replay each decode step as a captured CUDA graph
     verbose = False                 # report tokens/s (and the draft acceptance rate) on stderr

@@ -55,8 +55,8 @@ min_lr = 1e-4                   # ~= learning_rate / 10
 max_bad_steps = 5               # non-finite loss/grad steps in a row before giving up
 # system
 device = "auto"                 # 'auto' (cuda, else mps, else cpu), 'cpu', 'cuda', 'cuda:1', 'mps'
-dtype = "auto"                  # 'auto' (bfloat16 on CUDA if supported, else float32), 'float32', 'bfloat16'
-compile = None                  # torch.compile the model; None = on CUDA only, True/False to force
+dtype = "auto"                  # 'auto' (by the GPU: model.pick_device), 'float32', 'bfloat16', 'float16'
+compile = None                  # torch.compile the model; None = on CUDA GPUs that Triton runs on
 use_checkpointing = False       # activation checkpointing per block: less memory, ~1/3 more compute
 use_liger = False               # Liger's fused linear cross-entropy (CUDA + liger-kernel installed)
 fsdp = False                    # under torchrun: shard params, grads and optimizer state per block (FSDP2)
@@ -85,24 +85,20 @@ master = rank == 0
 
 # ---- device and precision --------------------------------------------------------------------
 try:
-    device, dtype = pick_device(device, dtype)
+    device, dtype, compile, moe_impl, device_line = pick_device(device, dtype, compile, moe_impl)
 except ValueError as e:
     die(str(e))
 device_type = device.split(":")[0]
 if ddp and device_type == "cuda":
     device = f"cuda:{local_rank}"
     torch.cuda.set_device(device)
-if dtype == "float16":
-    die("dtype='float16' would need a grad scaler: train in 'bfloat16' or 'float32'")
-if dtype == "bfloat16" and not (device_type == "cuda" and torch.cuda.is_bf16_supported()):
-    die(f"dtype='bfloat16' needs a GPU that supports it; on {device} train in float32 (--dtype=float32)")
-if compile is None:
-    compile = device_type == "cuda"
-if not isinstance(compile, bool):
-    die(f"compile={compile!r} must be True, False or None (= on CUDA only)")
+if fsdp and dtype == "float16":
+    die("fsdp=True with dtype='float16': its grad scaler would need the shards' overflows; use bfloat16")
 torch.manual_seed(seed)  # the same initial weights on every rank (FSDP shards them as they are)
 torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
-ctx = torch.autocast(device_type="cuda", dtype=torch.bfloat16) if dtype == "bfloat16" else nullcontext()
+ctx = torch.autocast(device_type, dtype=getattr(torch, dtype)) if dtype != "float32" else nullcontext()
+# fp16 gradients underflow unless the loss is scaled up (a step whose scaled gradients overflow is skipped)
+scaler = torch.amp.GradScaler(device_type, enabled=dtype == "float16")
 
 # ---- data ------------------------------------------------------------------------------------
 for path in (os.path.join(data_dir, f"{split}.bin") for split in ("train", "val")):
@@ -215,6 +211,7 @@ if wandb_log and master and not eval_only:
 if ddp:
     dist.init_process_group(backend="nccl" if device_type == "cuda" else "gloo")
 if master:
+    print(device_line)
     print("parameters: {total:,} total, {active:,} active per token, {embedding:,} embedding, {mtp:,} in MTP"
           .format(**model.get_num_params()))
     print(f"tokens per iteration: {tokens_per_iter:,} ({world_size} rank(s) x {gradient_accumulation_steps} "
@@ -250,6 +247,8 @@ if ckpt is not None:
             group["fused"], group["foreach"] = True, None  # fused AdamW's found_inf to skip a bad step
     elif master and init_from == "resume":
         print("note: the checkpoint has no optimizer state; starting a fresh optimizer")
+    if ckpt.get("scaler"):  # (empty when saved without fp16)
+        scaler.load_state_dict(ckpt["scaler"])
 ckpt = old = None  # free the memory
 if compile and not fsdp:  # fixed shapes; one CUDA process replays the step as CUDA graphs: launching
     # its ~1,000 kernels one by one takes the CPU longer than the GPU takes to run them
@@ -269,11 +268,13 @@ def read_flags(stop=torch.zeros((), device=device)):
     stop.fill_(float(stop_signal is not None))  # fill_, never torch.tensor(..., device): no sync
     if ddp:
         dist.all_reduce(stop, op=dist.ReduceOp.MAX)
-    stop_any, *finite = torch.stack([stop, *(f for _, f in unread)]).tolist()
-    for (it, _), ok in zip(unread, finite):
-        bad_steps = 0 if ok else bad_steps + 1
+    stop_any, *flags = torch.stack([stop, *(f for _, *fs in unread for f in fs)]).tolist()
+    for (it, *_), ok, loss_ok in zip(unread, flags[::2], flags[1::2]):
+        overflow = scaler.is_enabled() and loss_ok  # fp16: the grad scaler finding its scale, not a bad step
+        bad_steps = 0 if ok else bad_steps + (not overflow)
         if not ok and master:
-            print(f"iter {it}: non-finite loss or gradient norm, step skipped ({bad_steps}/{max_bad_steps})")
+            print(f"iter {it}: fp16 gradients overflowed, step skipped (loss scale lowered)" if overflow else
+                  f"iter {it}: non-finite loss or gradient norm, step skipped ({bad_steps}/{max_bad_steps})")
         if bad_steps >= max_bad_steps:
             die(f"{bad_steps} non-finite steps in a row at iter {it}; stopping. The last good "
                 f"checkpoint ({ckpt_path}) is untouched: lower learning_rate or check the data")
@@ -321,7 +322,7 @@ def save():
     ck = {"model": get_model_state_dict(raw_model, options=opts),
           "optimizer": get_optimizer_state_dict(raw_model, optimizer, options=opts),
           "model_args": asdict(raw_model.args), "iter_num": iter_num, "best_val_loss": best_val_loss,
-          "config": config}
+          "config": config, "scaler": scaler.state_dict()}
     if master:
         save_checkpoint(ckpt_path, ck, keep_prev=keep_last)
         print(f"saved checkpoint to {ckpt_path} (iter {iter_num})")
@@ -372,15 +373,17 @@ while True:
             loss = model(X, Y)[1] / gradient_accumulation_steps
         it, m = (iter_num + 1, 0) if last else (iter_num, micro + 1)  # prefetched while the GPU works
         X, Y = get_batch("train", it, rank_group * gradient_accumulation_steps + m)
-        loss.backward()
+        scaler.scale(loss).backward()
         loss_sum += loss.detach()
     # the gradient norm (clipped if grad_clip > 0) also tells us whether the step is finite
+    scaler.unscale_(optimizer)
     norm = torch.nn.utils.clip_grad_norm_(raw_model.parameters(), grad_clip if grad_clip > 0 else math.inf)
     if hasattr(norm, "full_tensor"):  # FSDP: a DTensor
         norm = norm.full_tensor()
     finite, maxvio = raw_model.optimizer_step(optimizer, norm)  # a non-finite step is skipped on the device
+    scaler.update()  # (fp16: a lower scale after an overflow)
     optimizer.zero_grad(set_to_none=True)
-    unread.append((iter_num, finite))
+    unread.append((iter_num, finite, torch.isfinite(loss_sum)))
     # the host reads the flags where it waits anyway (a log line, an eval), so never mid-run on a GPU, where
     # a Ctrl-C takes effect within log_interval steps; on the CPU nothing runs ahead of it: every step
     stop = (iter_num % log_interval == 0 or device_type == "cpu") and read_flags()

@@ -7,6 +7,7 @@ import sys
 import traceback
 from pathlib import Path
 
+import pytest
 import torch
 
 REPO = Path(__file__).resolve().parents[1]
@@ -48,10 +49,15 @@ def test_unwritable_outputs_are_one_line_before_the_benchmark(tmp_path, monkeypa
 
 
 
-def test_bench_times_the_step_train_py_takes(tmp_path, monkeypatch):
+@pytest.mark.parametrize("fp16", [False, True])
+def test_bench_times_the_step_train_py_takes(tmp_path, monkeypatch, fp16):
     """bench.py's step and train.py's, twice each from the same initial weights on the same batches, leave
-    the same weights and expert biases: the step that bench.py times cannot drift from train.py's."""
+    the same weights and expert biases: the step that bench.py times cannot drift from train.py's. fp16 (its
+    grad scaler's step; on the CPU here, which pick_device refuses for users) too."""
     from test_train import TINY, make_data
+    if fp16:
+        import model
+        monkeypatch.setattr(model, "pick_device", lambda *a: ("cpu", "float16", False, "padded", "cpu: float16"))
     make_data(tmp_path / "data")
     monkeypatch.chdir(REPO)
     monkeypatch.setattr(sys, "argv", ["train.py", *TINY, f"--data_dir={tmp_path / 'data'}", "--eval_iters=1",

@@ -1,6 +1,7 @@
 """What only a CUDA GPU can check (skipped without one; `python -m pytest tests/` on a GPU machine runs it):
-the grouped-GEMM experts against the dense reference under bf16 autocast, and train.py's step compiled as
-one graph (fullgraph) that never makes the host wait (no sync in forward, backward, clipping, optimizer)."""
+the grouped-GEMM experts against the padded ones under bf16 autocast, and train.py's step compiled as
+one graph (fullgraph) that never makes the host wait (no sync in forward, backward, clipping, optimizer), on
+each expert path and in fp16 with the grad scaler too."""
 from dataclasses import replace
 
 import pytest
@@ -13,10 +14,10 @@ pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a C
 ARGS = replace(ModelArgs(), n_layer=2, mtp_depth=1)  # two of the 16x4 flagship's layers (one dense, one MoE)
 
 
-def test_grouped_experts_match_the_dense_reference_in_bf16():
+def test_grouped_experts_match_the_padded_ones_in_bf16():
     torch.manual_seed(0)
     moe = MoE(replace(ARGS, moe_impl="grouped")).cuda()
-    ref = MoE(replace(ARGS, moe_impl="dense")).cuda()
+    ref = MoE(replace(ARGS, moe_impl="padded")).cuda()
     ref.load_state_dict(moe.state_dict())
     x = torch.randn(8, 256, ARGS.n_embd, device="cuda")
     got = []
@@ -30,19 +31,25 @@ def test_grouped_experts_match_the_dense_reference_in_bf16():
     assert errors.keys() >= {"y", "dx", "w1"} and max(errors.values()) < 2e-2, errors  # bf16's rounding
 
 
-def test_the_compiled_step_is_one_graph_and_never_syncs():
+@pytest.mark.parametrize("impl,dtype", [("grouped", torch.bfloat16), ("padded", torch.bfloat16),
+                                        ("padded", torch.float16)])
+def test_the_compiled_step_is_one_graph_and_never_syncs(impl, dtype):
+    """train.py's step on each expert path (fp16: with its grad scaler)."""
     torch.manual_seed(0)
-    model = DeepSeekV3(ARGS).cuda()
+    model = DeepSeekV3(replace(ARGS, moe_impl=impl)).cuda()
     compiled = torch.compile(model, fullgraph=True, dynamic=False)  # a graph break is an error
     opt = model.configure_optimizers(0.1, 1e-4, (0.9, 0.95))
+    scaler = torch.amp.GradScaler("cuda", enabled=dtype == torch.float16)
     idx = torch.randint(0, ARGS.vocab_size, (4, 128), device="cuda")
     for i in range(3):  # the third step, compiled and warm, with every host sync an error
         torch.cuda.set_sync_debug_mode("error" if i == 2 else 0)
         try:
-            with torch.autocast("cuda", dtype=torch.bfloat16):
+            with torch.autocast("cuda", dtype=dtype):
                 loss = compiled(idx, idx)[1]
-            loss.backward()
+            scaler.scale(loss).backward()
+            scaler.unscale_(opt)
             model.optimizer_step(opt, torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0))
+            scaler.update()
             opt.zero_grad(set_to_none=True)
         finally:
             torch.cuda.set_sync_debug_mode(0)

@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from conftest import ROOT, rel, tokens
 
-from model import MLA, DeepSeekV3, Gate, ModelArgs, MoE, apply_rope, rope_tables
+from model import MLA, DeepSeekV3, Gate, ModelArgs, MoE, apply_rope, pick_device, rope_tables
 
 
 def small(**kw):
@@ -182,9 +182,9 @@ def experts_by_hand(moe, x, w, idx):
 def moe_grads(a, impl, x):
     """y, counts, and the gradients of x and of every parameter; impl None: the experts by hand."""
     torch.manual_seed(3)
-    moe = MoE(replace(a, moe_impl=impl or "dense"))
+    moe = MoE(replace(a, moe_impl=impl or "auto"))
     if impl is None:
-        moe.run_dense = lambda xf, w, idx: experts_by_hand(moe, xf, w, idx)
+        moe.run_experts = lambda xf, w, idx, counts: experts_by_hand(moe, xf, w, idx)
     with torch.no_grad():
         for p in (moe.w1, moe.w3, moe.w2, moe.gate.weight):
             p.normal_(0, 0.2)
@@ -195,40 +195,37 @@ def moe_grads(a, impl, x):
     return y, counts, x.grad, {n: p.grad for n, p in moe.named_parameters()}
 
 
-@pytest.mark.parametrize("impl", ["grouped", "dense"])
-def test_experts_match_a_by_hand_reference(impl):
+@pytest.mark.parametrize("impl", ["grouped", "padded"])
+@pytest.mark.parametrize("n", [33, 1, 200])
+def test_experts_match_a_by_hand_reference(impl, n):
+    """Both expert paths, in fp32: outputs and gradients those of the experts run token by token; 1 token (a
+    decode step: tiles of one row) and 200 (tiles of several rows, padded) too."""
     a = small()
-    x = torch.randn(3, 11, a.n_embd)
+    x = torch.randn(1, n, a.n_embd)
     y0, c0, gx0, g0 = moe_grads(a, None, x)
     y1, c1, gx1, g1 = moe_grads(a, impl, x)
-    assert torch.equal(c0, c1) and c0.sum() == 3 * 11 * a.n_activated_experts
+    assert torch.equal(c0, c1) and c0.sum() == n * a.n_activated_experts
     assert rel(y1, y0) < 1e-5
     assert rel(gx1, gx0) < 1e-5
     for n in g0:
         assert rel(g1[n], g0[n]) < 1e-5, n
 
 
-def test_auto_expert_path():
-    """'auto': grouped_mm where it runs (eager CPU; CUDA in bf16), the dense path anywhere else (MPS, ...)."""
-    moe = MoE(small())
-    assert moe.experts_impl(torch.zeros(1, 64)) == "grouped"
-    assert moe.experts_impl(torch.zeros(1, 64, device="meta")) == "dense"
-    assert MoE(small(moe_impl="dense")).experts_impl(torch.zeros(1, 64)) == "dense"
-
-
-def test_expert_with_no_tokens():
-    # routing every token away from some experts must still work in the grouped path
+def test_experts_with_no_tokens_and_experts_with_all():
+    """Any routing, no token dropped, the two paths alike: every token on two experts (the others idle: the
+    grouped path's empty groups), on the first and the last, spread out."""
     a = small(n_expert_groups=1, n_limited_groups=1)
-    x = torch.randn(2, 5, a.n_embd)
+    x = torch.randn(2, 40, a.n_embd)
     torch.manual_seed(0)
-    moe = MoE(replace(a, moe_impl="grouped"))
-    ref = MoE(replace(a, moe_impl="dense"))
+    moe = MoE(replace(a, moe_impl="padded"))
+    ref = MoE(replace(a, moe_impl="grouped"))
     ref.load_state_dict(moe.state_dict())
-    for m in (moe, ref):
-        m.gate.bias[:] = torch.tensor([5.0, 5.0] + [0.0] * 6)  # experts 0 and 1 take everything
-    y, counts, _ = moe(x)
-    assert counts[2:].sum() == 0
-    assert rel(y, ref(x)[0]) < 1e-6
+    for bias in ([9.0, 9.0] + [0.0] * 6, [9.0] + [0.0] * 6 + [9.0], [0.0] * 8):
+        for m in (moe, ref):
+            m.gate.bias[:] = torch.tensor(bias)
+        y, counts, _ = moe(x)
+        assert counts.sum() == 80 * a.n_activated_experts and counts.max() >= 80 * (bias[0] > 0)
+        assert rel(y, ref(x)[0]) < 1e-6
 
 
 def test_bias_changes_selection_not_gate_weights():
@@ -501,7 +498,7 @@ def test_parameter_counts_by_hand():
 def test_differences_ignore_training_only_knobs():
     """ModelArgs.differences: what train.py's resume refuses to change (and export.py's round trip checks)."""
     a = small()
-    assert a.differences(replace(a, dropout=0.2, seq_aux_alpha=0.0, mtp_lambda=1.0, moe_impl="dense")) == []
+    assert a.differences(replace(a, dropout=0.2, seq_aux_alpha=0.0, mtp_lambda=1.0, moe_impl="padded")) == []
     assert a.differences(replace(a, n_layer=4, score_func="softmax")) == ["n_layer", "score_func"]
     assert a.differences(replace(a, beta_fast=16, mscale=0.5)) == []  # YaRN is off in both
     yarn = replace(a, rope_factor=2.0)
@@ -517,6 +514,76 @@ def test_flagship_parameter_counts():
     with torch.device("meta"):
         n = DeepSeekV3(a).get_num_params()
     assert n == {"total": 123_849_728, "active": 78_433_280, "embedding": 25_755_648, "mtp": 10_447_680}
+
+
+# ---- the device's class decides precision, compile and the expert path ---------------------
+
+def fake_device(monkeypatch, cc=None, mps=False):
+    """This process sees one CUDA GPU of compute capability cc (None: none), or Apple's MPS."""
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: int(cc is not None))
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: cc)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: f"GPU{cc[0]}{cc[1]}")
+    # as torch's: True through emulation on any CUDA GPU, natively from compute capability 8.0
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True:
+                        cc is not None and (including_emulation or cc >= (8, 0)))
+    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: mps)
+
+
+@pytest.mark.parametrize("cc,mps,expected", [
+    ((9, 0), False, ("cuda", "bfloat16", True, "grouped", "GPU90 (sm90): bfloat16, compiled, grouped experts")),
+    ((10, 0), False, ("cuda", "bfloat16", True, "grouped", "GPU100 (sm100): bfloat16, compiled, grouped experts")),
+    ((8, 0), False, ("cuda", "bfloat16", True, "padded", "GPU80 (sm80): bfloat16, compiled, padded experts")),
+    ((8, 6), False, ("cuda", "bfloat16", True, "padded", "GPU86 (sm86): bfloat16, compiled, padded experts")),
+    ((8, 9), False, ("cuda", "bfloat16", True, "padded", "GPU89 (sm89): bfloat16, compiled, padded experts")),
+    ((7, 5), False, ("cuda", "float16", True, "padded", "GPU75 (sm75): float16, compiled, padded experts")),
+    ((7, 0), False, ("cuda", "float16", True, "padded", "GPU70 (sm70): float16, compiled, padded experts")),
+    ((6, 0), False, ("cuda", "float16", False, "padded",
+                     "GPU60 (sm60): float16, not compiled (Triton needs sm70 or newer), padded experts")),
+    (None, True, ("mps", "float32", False, "padded", "mps: float32, not compiled, padded experts")),
+    (None, False, ("cpu", "float32", False, "padded", "cpu: float32, not compiled, padded experts")),
+])
+def test_each_device_class_gets_its_path(monkeypatch, cc, mps, expected):
+    """'auto' everywhere: bf16 only where native (a P100 or T4 would emulate it), Triton from sm70, grouped_mm
+    on Hopper and newer; the line says what was picked."""
+    fake_device(monkeypatch, cc, mps)
+    assert pick_device() == expected
+
+
+@pytest.mark.parametrize("cc,kw,expected", [
+    ((9, 0), dict(dtype="float16"), ("float16", True, "padded")),  # (grouped_mm: bf16)
+    ((9, 0), dict(dtype="float32", compile=False), ("float32", False, "padded")),
+    ((9, 0), dict(moe_impl="padded"), ("bfloat16", True, "padded")),
+    ((8, 0), dict(moe_impl="grouped", compile=False), ("bfloat16", False, "grouped")),
+    ((8, 6), dict(dtype="float16"), ("float16", True, "padded")),
+    ((7, 5), dict(dtype="float32", compile=False), ("float32", False, "padded")),
+    ((6, 0), dict(dtype="float32"), ("float32", False, "padded")),
+    (None, dict(compile=True), ("float32", True, "padded")),  # (the CPU compiles through C++)
+    (None, dict(moe_impl="grouped"), ("float32", False, "grouped")),  # (eager CPU: fp32 grouped_mm runs)
+])
+def test_knobs_force_each_choice(monkeypatch, cc, kw, expected):
+    fake_device(monkeypatch, cc)
+    assert pick_device(**kw)[1:4] == expected
+
+
+@pytest.mark.parametrize("cc,mps,kw,needle", [
+    (None, False, dict(dtype="float16"), "dtype='float16' needs a CUDA GPU"),
+    (None, True, dict(dtype="float16"), "dtype='float16' needs a CUDA GPU"),
+    (None, False, dict(dtype="bfloat16"), "dtype='bfloat16' needs a GPU of compute capability 8+"),
+    ((7, 5), False, dict(dtype="bfloat16"), "dtype='bfloat16' needs a GPU of compute capability 8+: GPU75"),
+    ((6, 0), False, dict(compile=True), "compile=True: Triton needs a GPU of compute capability 7+: GPU60"),
+    ((7, 5), False, dict(moe_impl="grouped"), "moe_impl='grouped'"),
+    ((9, 0), False, dict(moe_impl="grouped", dtype="float16"), "moe_impl='grouped'"),
+    (None, False, dict(moe_impl="grouped", compile=True), "moe_impl='grouped'"),
+    (None, True, dict(moe_impl="grouped"), "moe_impl='grouped'"),
+    (None, False, dict(dtype="int8"), "dtype='int8' must be"),
+    (None, False, dict(compile="maybe"), "compile='maybe' must be True, False or None"),
+    (None, False, dict(device="cuda"), "device='cuda' is not available"),
+])
+def test_what_a_device_cannot_run_is_one_line(monkeypatch, cc, mps, kw, needle):
+    fake_device(monkeypatch, cc, mps)
+    with pytest.raises(ValueError) as e:
+        pick_device(**kw)
+    assert str(e.value).startswith(needle) and "\n" not in str(e.value), str(e.value)
 
 
 # ---- bad input --------------------------------------------------------------------------------

@@ -2,6 +2,7 @@
 crash safety (SIGKILL at random moments, SIGTERM, Ctrl-C in an eval, a second Ctrl-C), out_dir
 safety (no run replaced, nothing written by eval_only), and one clear line for every bad input."""
 import contextlib
+import functools
 import io
 import json
 import os
@@ -22,7 +23,7 @@ import torch
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
-from model import load_checkpoint  # noqa: E402
+from model import DeepSeekV3, ModelArgs, load_checkpoint  # noqa: E402
 
 # a small model that still has every part: MLA, a dense layer, MoE layers with groups, MTP
 TINY = ["config/tinystories_debug.py", "--vocab_size=256", "--n_embd=32", "--n_head=2", "--block_size=32",
@@ -112,6 +113,49 @@ def test_resume_gives_exactly_the_same_losses(tmp):
     assert sorted(resumed) == list(range(12))
     for i in range(6, 12):
         assert resumed[i] == full[i], (i, resumed[i], full[i])
+
+
+def run_fp16_here(tmp, monkeypatch, init_scale, *args, growth_interval=2000):
+    """train.py's fp16 path (autocast and GradScaler) on the CPU, which pick_device refuses for the user (fp16
+    is for CUDA GPUs): the step and its skips, the scaler's checkpointed state. -> (exit code, stdout)."""
+    import model
+    monkeypatch.setattr(model, "pick_device", lambda *a: ("cpu", "float16", False, "padded", "cpu: float16"))
+    monkeypatch.setattr(torch.amp, "GradScaler", functools.partial(
+        torch.amp.GradScaler, init_scale=init_scale, growth_interval=growth_interval))
+    p = run_train_here(tmp, monkeypatch, "--eval_interval=1000", *args)
+    return p.returncode, p.stdout
+
+
+def test_fp16_overflows_skip_the_step_and_the_bias_update(tmp, monkeypatch):
+    """Loss scaled by 2^40: every step's fp16 gradients overflow. Each is skipped on the device (weights, moments
+    and expert biases untouched), the scale halves, and the run goes on: a scaler finding its scale is not a
+    bad step (max_bad_steps=1 would stop a run at its first non-finite loss)."""
+    code, out = run_fp16_here(tmp, monkeypatch, 2.0 ** 40, "--max_iters=3", "--max_bad_steps=1")
+    assert code == 0 and out.count("fp16 gradients overflowed, step skipped") == 3, out
+    ck = torch.load(tmp / "out" / "ckpt.pt", weights_only=False)
+    assert ck["iter_num"] == 3 and ck["scaler"]["scale"] == 2.0 ** 37
+    torch.manual_seed(1337)  # train.py's seed: its initial weights
+    init = DeepSeekV3(ModelArgs(**ck["model_args"])).state_dict()
+    assert [k for k, v in ck["model"].items() if not torch.equal(v, init[k])] == []  # (biases too: zeros)
+    assert all(float(st["step"]) == 0 for st in ck["optimizer"]["state"].values())
+
+
+def test_fp16_resume_is_exact(tmp, monkeypatch):
+    """With the scale growing every step, overflows (skipped steps) come every few steps; a resumed run must
+    restore the scaler's scale and growth tracker to skip and step exactly as the uninterrupted run did."""
+    common = ["--max_iters=10", "--lr_decay_iters=10"]
+    assert run_fp16_here(tmp, monkeypatch, 2.0 ** 24, *common, growth_interval=1)[0] == 0
+    full = step_losses(tmp / "out")
+    (tmp / "out").rename(tmp / "full")
+    assert run_fp16_here(tmp, monkeypatch, 2.0 ** 24, "--max_iters=5", "--lr_decay_iters=10",
+                         growth_interval=1)[0] == 0
+    code, out = run_fp16_here(tmp, monkeypatch, 2.0 ** 24, *common, "--init_from=resume", growth_interval=1)
+    assert code == 0 and "fp16 gradients overflowed" in out, out  # (the test needs skipped steps after the resume)
+    resumed = step_losses(tmp / "out")
+    assert [resumed[i] for i in range(5, 10)] == [full[i] for i in range(5, 10)]
+    ours, theirs = (torch.load(d / "ckpt.pt", weights_only=False) for d in (tmp / "out", tmp / "full"))
+    assert ours["scaler"] == theirs["scaler"]
+    assert [k for k in ours["model"] if not torch.equal(ours["model"][k], theirs["model"][k])] == []
 
 
 def test_max_iters_steps_then_the_final_state_is_saved_and_resume_does_nothing(tmp, monkeypatch):
@@ -409,7 +453,7 @@ def one_line_error(p, *needles):
     (["--batch_size=200"], ["fewer than one batch"]),
     (["--device=cuda"], ["device='cuda'"]) if not torch.cuda.is_available() else (["--device=cuda:99"], ["cuda:99"]),
     (["--device=tpu"], ["device='tpu'"]),
-    (["--dtype=float16", "--device=cpu"], ["grad scaler"]),
+    (["--dtype=float16", "--device=cpu"], ["dtype='float16' needs a CUDA GPU"]),
     (["--dtype=int8"], ["dtype='int8'"]),
     (["--dtype=bfloat16", "--device=cpu"], ["bfloat16"]),
     (["--init_from=resume"], ["no checkpoint"]),
