@@ -30,6 +30,17 @@ def save_ckpt(model, path):
     return path
 
 
+def fake_device(monkeypatch, cc=None, mps=False):
+    """This process sees one CUDA GPU of compute capability cc (None: none), or Apple's MPS."""
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: int(cc is not None))
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: cc)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: f"GPU{cc[0]}{cc[1]}")
+    # as torch's: True through emulation on any CUDA GPU, natively from compute capability 8.0
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True:
+                        cc is not None and (including_emulation or cc >= (8, 0)))
+    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: mps)
+
+
 @pytest.fixture(scope="module", autouse=True)
 def one_thread():
     """The test models are tiny: one thread is as fast, and immune to OpenMP threads spinning

@@ -7,7 +7,7 @@ from dataclasses import fields, replace
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import ROOT, rel, tokens
+from conftest import ROOT, fake_device, rel, tokens
 
 from model import MLA, DeepSeekV3, Gate, ModelArgs, MoE, apply_rope, pick_device, rope_tables
 
@@ -517,17 +517,6 @@ def test_flagship_parameter_counts():
 
 
 # ---- the device's class decides precision, compile and the expert path ---------------------
-
-def fake_device(monkeypatch, cc=None, mps=False):
-    """This process sees one CUDA GPU of compute capability cc (None: none), or Apple's MPS."""
-    monkeypatch.setattr(torch.cuda, "device_count", lambda: int(cc is not None))
-    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: cc)
-    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: f"GPU{cc[0]}{cc[1]}")
-    # as torch's: True through emulation on any CUDA GPU, natively from compute capability 8.0
-    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True:
-                        cc is not None and (including_emulation or cc >= (8, 0)))
-    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: mps)
-
 
 @pytest.mark.parametrize("cc,mps,expected", [
     ((9, 0), False, ("cuda", "bfloat16", True, "grouped", "GPU90 (sm90): bfloat16, compiled, grouped experts")),

@@ -23,6 +23,7 @@ import torch
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+from conftest import fake_device  # noqa: E402
 from model import DeepSeekV3, ModelArgs, load_checkpoint  # noqa: E402
 
 # a small model that still has every part: MLA, a dense layer, MoE layers with groups, MTP
@@ -459,9 +460,27 @@ def one_line_error(p, *needles):
     (["--init_from=resume"], ["no checkpoint"]),
     (["--init_from=pretrained"], ["init_from"]),
     (["--compile=maybe"], ["compile"]),
+    (["--moe_impl=loop"], ["moe_impl"]),
+    (["--moe_impl=grouped", "--compile=True"], ["moe_impl='grouped'"]),
 ])
 def test_bad_config(tmp, args, needles, monkeypatch):
     one_line_error(run_train_here(tmp, monkeypatch, *args), *needles)
+
+
+@pytest.mark.parametrize("cc,args,needle", [
+    ((6, 0), ["--compile=True"], "compile=True: Triton needs a GPU of compute capability 7+: GPU60 (sm60)"),
+    ((7, 5), ["--dtype=bfloat16"], "dtype='bfloat16' needs a GPU of compute capability 8+: GPU75 (sm75)"),
+    ((7, 5), ["--moe_impl=grouped"], "moe_impl='grouped'"),  # (fp16 here)
+    ((8, 6), ["--dtype=float16", "--fsdp=True"], "fsdp=True with dtype='float16'"),
+])
+def test_what_the_gpu_cannot_run_is_one_line(tmp, monkeypatch, cc, args, needle):
+    """On a (faked) GPU, refused before anything touches it: one line, nothing written."""
+    fake_device(monkeypatch, cc)
+    monkeypatch.setattr(torch.cuda, "set_device", lambda device: None)
+    for k, v in dict(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1").items():  # (fsdp needs torchrun's)
+        monkeypatch.setenv(k, v)
+    one_line_error(run_train_here(tmp, monkeypatch, "--device=cuda", *args), needle)
+    assert not (tmp / "out").exists()
 
 
 def run_train_here(tmp, monkeypatch, *args):
