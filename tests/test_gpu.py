@@ -54,3 +54,25 @@ def test_the_compiled_step_is_one_graph_and_never_syncs(impl, dtype):
         finally:
             torch.cuda.set_sync_debug_mode(0)
     assert torch.isfinite(loss)
+
+
+def test_liger_matches_plain_cross_entropy_with_ignored_targets_under_compile():
+    """liger-kernel's fused linear cross-entropy once returned a wrong loss under torch.compile when some
+    targets are ignored (its PR #1338): the compiled model with half its targets -1 (SFT's prompt tokens),
+    Liger against plain cross-entropy, loss and every gradient."""
+    pytest.importorskip("liger_kernel")
+    torch.manual_seed(0)
+    ref, lig = DeepSeekV3(ARGS).cuda(), DeepSeekV3(ARGS).cuda()
+    lig.load_state_dict(ref.state_dict())
+    lig.use_liger()
+    idx = torch.randint(0, ARGS.vocab_size, (4, 128), device="cuda")
+    tgt = idx.roll(-1, 1).masked_fill(torch.rand(4, 128, device="cuda") < 0.5, -1)
+    got = []
+    for m in (ref, lig):
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            loss = torch.compile(m, dynamic=False)(idx, tgt)[1]
+        loss.backward()
+        got.append((loss.detach().float(), {n: p.grad for n, p in m.named_parameters() if p.grad is not None}))
+    assert rel(got[1][0], got[0][0]) < 1e-2, (got[1][0], got[0][0])
+    errors = {n: rel(g, got[0][1][n]) for n, g in got[1][1].items()}
+    assert errors.keys() == got[0][1].keys() and max(errors.values()) < 5e-2, errors
