@@ -197,7 +197,7 @@ def setup():
     except (ValueError, PrepareError) as e:
         fail(e)
     if dt == "float16":
-        fail("dtype='float16' would need a grad scaler: train in 'bfloat16' or 'float32'")
+        fail("dtype='float16' (auto's pick without bf16) would need a grad scaler: use --dtype=float32")
     ctx = torch.autocast("cuda", torch.bfloat16, cache_enabled=False) if dt == "bfloat16" else nullcontext()
     src = os.path.join(out_dir if init_from == "resume" else init_from, "ckpt.pt")
     old = [f for f in ("ckpt.pt", "log.jsonl") if os.path.exists(os.path.join(out_dir, f))]
