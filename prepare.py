@@ -5,12 +5,11 @@ Prepare TinyStories for training: GPT-2 BPE tokens (tiktoken) as flat uint16 str
     python prepare.py --input train.txt valid.txt       # local files: .txt .jsonl .json .parquet
     python prepare.py --instruct [--input FILE ...]     # SFT data: TinyStoriesInstruct, or made from stories
 
-Writes <out_dir>/train.bin and val.bin (every story followed by <|endoftext|>, id 50256; read them with
-np.memmap(path, dtype=np.uint16, mode='r')); with --instruct each story after its prompt (rl.py's words task)
-and {train,val}.mask.bin (a uint8 per token, 1: a target that carries the loss: the story, its end-of-text);
-then meta.json, each complete under a .tmp name before it is renamed into place: a crash or a bad input never
-leaves a half-written file that looks whole. Local .txt files: stories are separated by lines that are exactly
-<|endoftext|> if the file has any (the hub's .txt files), else by blank lines (each paragraph is a story).
+Writes <out_dir>/train.bin and val.bin (read with np.memmap(path, dtype=np.uint16, mode='r')), every story
+then <|endoftext|> (id 50256); with --instruct each after its prompt (rl.py's words task), and a uint8 per
+token in {train,val}.mask.bin (1: the story and its end-of-text, which carry the loss); meta.json last. Each
+is renamed into place once complete: no crash or bad input leaves a half-written file that looks whole. In
+.txt files, stories are split at lines that are exactly <|endoftext|> if any (the hub's), else at blank lines.
 """
 import argparse
 import functools
@@ -31,7 +30,7 @@ HF_DATASET = "roneneldan/TinyStories"
 CHUNK = 1024  # stories per worker task: amortizes inter-process overhead, keeps the bar moving
 VAL_TOKENS = 64 * 512  # a held-out val split holds a batch of config/tinystories_16x4.py (train.py needs one)
 MIN_TOKENS = 8 * 64  # and leaves no split smaller than a batch of config/tinystories_debug.py
-_enc = None  # the GPT-2 encoding, set in the parent (forked workers inherit it) or by _init_worker
+_enc = None  # the GPT-2 encoding, set in the parent by load (forked workers inherit it)
 
 
 class PrepareError(Exception):
@@ -40,8 +39,7 @@ class PrepareError(Exception):
 
 def read_txt(path, text=None):  # (text: the hub's TinyStoriesInstruct, as one text of lines)
     text = Path(path).read_text(encoding="utf-8-sig") if text is None else text
-    eot = re.compile(r"^[ \t]*<\|endoftext\|>[ \t]*$", re.M)
-    # with <|endoftext|> lines, blank lines inside a story are its paragraphs: keep them
+    eot = re.compile(r"^[ \t]*<\|endoftext\|>[ \t]*$", re.M)  # with these, blank lines are paragraphs
     return eot.split(text) if eot.search(text) else re.split(r"\n\s*\n", text)
 
 
@@ -83,31 +81,27 @@ def read_parquet(path):
     return [get_text({"text": t}, f"{path}: row {i}") for i, t in enumerate(table.column("text").to_pylist())]
 
 
-READERS = {".txt": read_txt, ".jsonl": read_jsonl, ".json": read_json, ".parquet": read_parquet}
-
-
 def read_stories(path):
     if not os.path.isfile(path):
         raise PrepareError(f"{path}: {'not a regular file' if os.path.exists(path) else 'no such file'}")
     ext = os.path.splitext(path)[1].lower()
-    if ext not in READERS:
-        raise PrepareError(f"{path}: unknown extension '{ext}' (expected {', '.join(READERS)})")
+    readers = {".txt": read_txt, ".jsonl": read_jsonl, ".json": read_json, ".parquet": read_parquet}
+    if ext not in readers:
+        raise PrepareError(f"{path}: unknown extension '{ext}' (expected {', '.join(readers)})")
     if os.path.getsize(path) > 2**27:  # reading takes a while: say what we are doing
         print(f"reading {path} ({os.path.getsize(path) / 2**30:.1f} GiB)", file=sys.stderr)
     try:
-        texts = READERS[ext](path)
+        texts = readers[ext](path)
     except UnicodeDecodeError as e:
         raise PrepareError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})")
     except OSError as e:
         raise PrepareError(f"{path}: cannot read ({e.strerror or e})")
-    stories = [s for s in (t.strip() for t in texts) if s]
-    if not stories:
+    if not any(t.strip() for t in texts):  # (tokenize skips the empty ones)
         raise PrepareError(f"{path}: no stories in this file")
-    return stories
+    return texts
 
 
-def is_val_file(path):
-    # whole word only, so 'interval.txt' or 'evaluation.txt' stay training data
+def is_val_file(path):  # whole word only, so 'interval.txt' or 'evaluation.txt' stay training data
     return re.search(r"(?<![a-z])val(id|idation)?(?![a-z])", os.path.basename(path).lower()) is not None
 
 
@@ -119,10 +113,9 @@ def load(args):
         name = HF_DATASET + "Instruct" * args.instruct
         try:
             import datasets
-            # its retry warnings would bury our one-line error; download progress bars still show
-            datasets.logging.set_verbosity_error()
             import huggingface_hub
-            huggingface_hub.logging.set_verbosity_error()
+            for lib in (datasets, huggingface_hub):  # their retry warnings would bury our one-line error
+                lib.logging.set_verbosity_error()  # (download progress bars still show)
             ds = datasets.load_dataset(name)
         except Exception as e:
             raise PrepareError(f"could not get {name} from the Hugging Face hub ({type(e).__name__}: "
@@ -138,10 +131,9 @@ def load(args):
         raise PrepareError("no training input: every --input file is named like validation data")
     if set(map(os.path.realpath, train_files)) & set(map(os.path.realpath, val_files)):
         raise PrepareError("a file is both training and validation data (its val loss would be a train loss)")
-    # read everything before tokenizing anything: a bad file fails fast
     splits = {"train": [s for p in train_files for s in read_stories(p)],
               "val": [s for p in val_files for s in read_stories(p)]}
-    _enc = load_encoding()
+    _enc = load_encoding()  # only now: every file is read before anything is tokenized (a bad one fails fast)
     return splits, {"source": "local files", "train_files": train_files, "val_files": val_files,
                     "val_from": "validation files"}
 
@@ -156,33 +148,26 @@ def load_encoding():  # tiktoken's GPT-2 encoding, for prepare.py, sample.py and
                            "holding its cached files") from None
 
 
-def _init_worker():
-    global _enc
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches workers too: dying, they hang the parent
-    _enc = _enc or load_encoding()  # None where spawned rather than forked
-
-
 def tokenize(texts, instruct=False):
-    """Each story's token ids and <|endoftext|> (encode_ordinary: inside a story, "<|endoftext|>" is text),
-    with instruct after its prompt (rl.to_example), in one array; the loss mask (1: story); their lengths."""
+    """Token ids of each story (after its prompt, with instruct) and <|endoftext|>; the loss mask; lengths."""
+    enc = _enc or load_encoding()  # None in a worker spawned rather than forked (tiktoken caches it)
     if instruct:
         from rl import to_example
     pairs = filter(None, (to_example(t) if instruct else ("", t) for t in map(str.strip, texts) if t))
-    enc = lambda t: _enc.encode_ordinary(t) if t else []  # noqa: E731
-    parts = [(enc(p), enc(s) + [_enc.eot_token]) for p, s in pairs]
+    encode = lambda t: enc.encode_ordinary(t) if t else []  # noqa: E731 (a story's "<|endoftext|>" is text)
+    parts = [(encode(p), encode(s) + [enc.eot_token]) for p, s in pairs]
     mask = itertools.chain(*([0] * len(p) + [1] * len(s) for p, s in parts))
     ids = np.fromiter(itertools.chain(*(p + s for p, s in parts)), np.int64)
     return ids, np.fromiter(mask, np.uint8), [len(p) + len(s) for p, s in parts]
 
 
-def write_split(path, mask_path, stories, pool, desc):
-    """Tokenizes stories into path as uint16 (and with mask_path, the loss mask as uint8), slice by slice (the
-    hub's are ~2 GB); returns their lengths."""
+def write_split(tmp, split, stories, pool):
+    """Tokenizes stories into tmp's split.bin (and .mask.bin), a slice at a time (the hub's are ~2 GB)."""
     chunks = (stories[i:i + CHUNK] if isinstance(stories, list) else stories[i:i + CHUNK]["text"]
               for i in range(0, len(stories), CHUNK))
-    lengths, work = [], functools.partial(tokenize, instruct=mask_path is not None)
-    with open(path, "wb") as f, open(mask_path or os.devnull, "wb") as fm, \
-            tqdm(total=len(stories), desc=desc, unit=" stories", disable=None) as bar:
+    lengths, work = [], functools.partial(tokenize, instruct=split + ".mask.bin" in tmp)
+    with open(tmp[split + ".bin"], "wb") as f, open(tmp.get(split + ".mask.bin", os.devnull), "wb") as fm, \
+            tqdm(total=len(stories), desc=split, unit=" stories", disable=None) as bar:
         # hand the pool a bounded batch at a time: Pool.imap would read the whole input into its queue
         while batch := list(itertools.islice(chunks, 64)):
             for texts, (ids, mask, n) in zip(batch, pool.imap(work, batch) if pool else map(work, batch)):
@@ -217,11 +202,11 @@ def hold_out(tmp, lengths, fraction):
 def write_all(args, tmp):
     """Tokenizes the data into tmp's files, meta.json last; returns what meta.json says."""
     splits, info = load(args)
-    # worker processes only pay off with more than one chunk; nullcontext() gives pool = None
+    # a pool pays off past one chunk; its workers ignore Ctrl-C (dying of it, they would hang the parent)
     use_pool = args.num_proc > 1 and max(map(len, splits.values())) > CHUNK
-    with Pool(args.num_proc, initializer=_init_worker) if use_pool else nullcontext() as pool:
-        lengths = {split: write_split(tmp[split + ".bin"], tmp.get(split + ".mask.bin"), xs, pool, split)
-                   for split, xs in splits.items() if len(xs)}
+    with Pool(args.num_proc, signal.signal, (signal.SIGINT, signal.SIG_IGN)) if use_pool else \
+            nullcontext() as pool:
+        lengths = {split: write_split(tmp, split, xs, pool) for split, xs in splits.items() if len(xs)}
     if "val" not in lengths:
         info["val_from"] = hold_out(tmp, lengths, args.val_fraction)
     counts = {f"{split}_{what}": int(count(ls)) for what, count in (("tokens", np.sum), ("stories", len))
@@ -233,20 +218,16 @@ def write_all(args, tmp):
 
 
 def parse_args(argv):
-    class Parser(argparse.ArgumentParser):
-        def error(self, message):  # argparse would print the usage too; we promise one line
-            print(f"error: {message} (see python prepare.py --help)", file=sys.stderr)
-            sys.exit(2)
-
-    p = Parser(description="Tokenize TinyStories (GPT-2 BPE) into train.bin / val.bin / meta.json.")
+    p = argparse.ArgumentParser(description="TinyStories as GPT-2 BPE tokens: train.bin, val.bin, meta.json.")
+    p.error = lambda msg: p.exit(2, f"error: {msg} (see python prepare.py --help)\n")  # one line: no usage
     p.add_argument("--input", nargs="+", metavar="PATH",
                    help="local .txt/.jsonl/.json/.parquet files instead of the hub; names containing "
                         "val/valid/validation are validation data")
     p.add_argument("--val_input", nargs="+", metavar="PATH",
                    help="validation files, named explicitly (then every --input file is training data)")
     p.add_argument("--val_fraction", type=float, default=0.01,
-                   help=f"no validation file: hold out the last training stories, this fraction or "
-                        f"{VAL_TOKENS} tokens, whichever is more, at most half the tokens (default 0.01)")
+                   help=f"no validation file: hold out this fraction of the last training stories or "
+                        f"{VAL_TOKENS} tokens, whichever is more, but at most half (default 0.01)")
     p.add_argument("--instruct", action="store_true", help="SFT data for rl.py's words task, with loss masks")
     p.add_argument("--out_dir", help="default data/tinystories (--instruct: data/tinystories_instruct)")
     p.add_argument("--num_proc", type=int, default=min(8, os.cpu_count() or 1),
@@ -280,9 +261,7 @@ def main(argv=None):
                if os.path.isfile(out[split + ".bin"])]
         if old:
             print(f"replacing {args.out_dir} ({', '.join(old)})", file=sys.stderr)
-        # meta.json marks a complete set: drop the old one before swapping the bins, put the new one last
-        if os.path.exists(out["meta.json"]):
-            os.remove(out["meta.json"])
+        Path(out["meta.json"]).unlink(missing_ok=True)  # it marks a complete set: the new one goes in last
         for name in names:
             os.replace(tmp[name], out[name])
         made = []
