@@ -121,8 +121,7 @@ class ModelArgs:
                 and getattr(self, f.name) != getattr(other, f.name)]
 
 
-# -----------------------------------------------------------------------------
-# small pieces
+# ---- small pieces --------------------------------------------------------------------------------
 
 class RMSNorm(nn.Module):
     def __init__(self, dim, eps=1e-6):
@@ -172,13 +171,11 @@ class MLP(nn.Module):
         self.w2 = nn.Linear(hidden, dim, bias=False)
 
     def forward(self, x):
-        # one matmul for both input projections: a wider GEMM runs closer to the GPU's peak
-        a, b = F.linear(x, torch.cat([self.w1.weight, self.w3.weight])).chunk(2, dim=-1)
+        a, b = F.linear(x, torch.cat([self.w1.weight, self.w3.weight])).chunk(2, dim=-1)  # one wider GEMM
         return self.w2(F.silu(a) * b)
 
 
-# -----------------------------------------------------------------------------
-# multi-head latent attention
+# ---- multi-head latent attention -----------------------------------------------------------------
 
 class MLA(nn.Module):
     def __init__(self, args: ModelArgs):
@@ -239,8 +236,7 @@ class MLA(nn.Module):
         return self.wo(y.reshape(B, T, -1))
 
 
-# -----------------------------------------------------------------------------
-# DeepSeekMoE
+# ---- DeepSeekMoE ---------------------------------------------------------------------------------
 
 class Gate(nn.Module):
     """Scores every routed expert, picks the top-k (group-limited, bias-steered), weights them."""
@@ -251,8 +247,7 @@ class Gate(nn.Module):
         self.weight = nn.Parameter(torch.randn(args.n_routed_experts, args.n_embd) * 0.02)
         # The balancing bias (V3's; V2's softmax routing has none): fp32, saved with the model, never seen
         # by the optimizer. It only changes WHICH experts are picked; gate weights use the unbiased scores.
-        bias = torch.zeros(args.n_routed_experts, dtype=torch.float32)
-        self.register_buffer("bias", bias if args.score_func == "sigmoid" else None)
+        self.register_buffer("bias", torch.zeros(len(self.weight)) if args.score_func == "sigmoid" else None)
 
     def forward(self, x):
         """x: (N, d) -> weights (N, k) fp32, indices (N, k), scores (N, E) fp32."""
@@ -310,8 +305,7 @@ class Dispatch(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, dxs):
-        (inv,) = ctx.saved_tensors
-        dx = dxs[inv]
+        dx = dxs[ctx.saved_tensors[0]]  # (inv)
         return dx.view(-1, ctx.K, dx.shape[-1]).sum(1) if ctx.K > 1 else dx, None, None, None
 
 
@@ -320,8 +314,7 @@ class MoE(nn.Module):
         super().__init__()
         self.args = args
         E, d, h = args.n_routed_experts, args.n_embd, args.moe_inter_dim
-        self.gate = Gate(args)
-        # all routed experts in 3-D tensors, so one grouped matmul runs them all
+        self.gate = Gate(args)  # the routed experts, below, in 3-D tensors: one grouped matmul runs them all
         self.w1 = nn.Parameter(torch.randn(E, h, d) * 0.02)  # (DeepSeekV3 re-initialises all of
         self.w3 = nn.Parameter(torch.randn(E, h, d) * 0.02)  # these; a lone MoE still works)
         self.w2 = nn.Parameter(torch.randn(E, d, h) * 0.02)
@@ -382,8 +375,7 @@ class MoE(nn.Module):
         return y.sum(1, dtype=torch.float32).type_as(x)
 
 
-# -----------------------------------------------------------------------------
-# blocks, MTP and the model
+# ---- blocks, MTP and the model -------------------------------------------------------------------
 
 class Block(nn.Module):
     def __init__(self, args: ModelArgs, layer_id: int):
@@ -417,8 +409,7 @@ class MTPModule(nn.Module):
 
     def forward(self, h, emb, cos, sin, cache=None, start_pos=0):
         """-> (hidden for the next depth, the same normed for the head, expert counts, balance loss)"""
-        # [embedding, hidden]: the order of DeepSeek's released eh_proj weights
-        x = self.eh_proj(torch.cat([self.enorm(emb), self.hnorm(h)], dim=-1))
+        x = self.eh_proj(torch.cat([self.enorm(emb), self.hnorm(h)], dim=-1))  # (DeepSeek's order)
         x, counts, aux = self.block(x, cos, sin, cache, start_pos)
         return x, self.norm(x), counts, aux
 
@@ -528,9 +519,8 @@ class DeepSeekV3(nn.Module):
 
     def make_cache(self, batch_size, max_len=None, device=None, dtype=torch.float32):
         """Per layer (main, then MTP): kv latent (B, S, kv_lora_rank), rotary key (B, S, qk_rope_head_dim)."""
-        a = self.args
-        shape = (batch_size, max_len or a.block_size)
-        kw = dict(device=device or self.tok_emb.weight.device, dtype=dtype)
+        a, kw = self.args, dict(device=device or self.tok_emb.weight.device, dtype=dtype)
+        shape = (batch_size, max_len or self.args.block_size)
         # separate tensors, not views of one: a compiled step then mutates inputs that alias nothing
         return [(torch.zeros(*shape, a.kv_lora_rank, **kw), torch.zeros(*shape, a.qk_rope_head_dim, **kw))
                 for _ in range(a.n_layer + a.mtp_depth)]
@@ -644,8 +634,7 @@ def pick_device(device="auto", dtype="auto", compile=None, moe_impl="auto"):
     return device, dtype, compile, moe_impl, f"{name}: {dtype}, {how}, {moe_impl} experts"
 
 
-# -----------------------------------------------------------------------------
-# checkpoints (train.py and rl.py write them; sample.py, export.py and the resumes read them)
+# ---- checkpoints (train.py and rl.py write them; sample.py, export.py and the resumes read them) -
 
 class CheckpointError(ValueError):
     """A checkpoint that can't be used; the message is one line meant for the user."""
@@ -676,8 +665,7 @@ def load_checkpoint(path, map_location="cpu", moe_impl="auto"):
     if not isinstance(ckpt, dict) or "model" not in ckpt or "model_args" not in ckpt:
         raise CheckpointError(f"{path} is not a checkpoint of this project (no 'model'/'model_args')")
     if unknown := sorted(set(ckpt["model_args"]) - {f.name for f in fields(ModelArgs)}):
-        raise CheckpointError(f"{path} is from a different architecture "
-                              f"(unknown model args: {', '.join(unknown[:5])})")
+        raise CheckpointError(f"{path} is from a different architecture (unknown model args: {unknown[:5]})")
     try:
         args = ModelArgs(**{**ckpt["model_args"], "moe_impl": moe_impl})  # (saved: the trainer GPU's)
     except (ValueError, TypeError) as e:
