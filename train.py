@@ -8,14 +8,12 @@ import os
 import signal
 import sys
 import time
-from contextlib import nullcontext
 from dataclasses import asdict, fields
 
 import numpy as np
 import torch
 import torch.distributed as dist
-from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
-                                                     get_optimizer_state_dict, set_optimizer_state_dict)
+import torch.distributed.checkpoint.state_dict as dcp
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from model import CheckpointError, DeepSeekV3, ModelArgs, load_checkpoint, pick_device, save_checkpoint
@@ -35,8 +33,6 @@ wandb_project = "deepseek-v3-tinystories"
 wandb_run_name = "run"
 # data
 data_dir = "data/tinystories"   # train.bin / val.bin / meta.json from prepare.py
-# one optimizer step = gradient_accumulation_steps micro-batches of batch_size sequences on any number of
-# GPUs: the ranks share out the micro-steps and, where those do not go round, the micro-batches too
 gradient_accumulation_steps = 1  # micro-steps per optimizer step, over all ranks together
 batch_size = 64                 # sequences per micro-step (per rank, unless ranks share micro-batches)
 seed = 1337
@@ -62,7 +58,6 @@ use_liger = False               # Liger's fused linear cross-entropy (CUDA + lig
 fsdp = False                    # under torchrun: shard params, grads and optimizer state per block (FSDP2)
 # -----------------------------------------------------------------------------
 from configurator import configure, fail as die  # noqa: E402  (die: one line on stderr, exit 2)
-
 configure(globals())
 config = {k: v for k, v in globals().items() if k[0] != "_" and isinstance(v, (int, float, bool, str))}
 
@@ -70,7 +65,7 @@ config = {k: v for k, v in globals().items() if k[0] != "_" and isinstance(v, (i
 ddp = "RANK" in os.environ  # under torchrun
 rank, local_rank = int(os.environ.get("RANK", 0)), int(os.environ.get("LOCAL_RANK", 0))
 world_size = int(os.environ.get("WORLD_SIZE", 1)) if ddp else 1
-# the ranks form rank_groups groups of `share`: the ranks of a group split one micro-batch in slices
+# the ranks share out the micro-steps; where those do not go round, a group of `share` ranks splits each one
 rank_groups = math.gcd(gradient_accumulation_steps, world_size)
 share = world_size // rank_groups
 if batch_size % share:
@@ -83,9 +78,10 @@ rows = batch_size // share  # sequences per rank per micro-step
 rank_group, part = rank // share, rank % share  # which micro-steps this rank runs, which slice of them
 master = rank == 0
 
-# ---- device and precision --------------------------------------------------------------------
-try:
+# ---- device, precision and model ------------------------------------------------------------
+try:  # what this device cannot run, or impossible model args (with moe_impl resolved): one line
     device, dtype, compile, moe_impl, device_line = pick_device(device, dtype, compile, moe_impl)
+    margs = ModelArgs(**{f.name: globals()[f.name] for f in fields(ModelArgs)})
 except ValueError as e:
     die(str(e))
 device_type = device.split(":")[0]
@@ -96,19 +92,10 @@ if fsdp and dtype == "float16":
     die("fsdp=True with dtype='float16': its grad scaler would need the shards' overflows; use bfloat16")
 torch.manual_seed(seed)  # the same initial weights on every rank (FSDP shards them as they are)
 torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
-ctx = torch.autocast(device_type, dtype=getattr(torch, dtype)) if dtype != "float32" else nullcontext()
-# fp16 gradients underflow unless the loss is scaled up (a step whose scaled gradients overflow is skipped)
-scaler = torch.amp.GradScaler(device_type, enabled=dtype == "float16")
+ctx = torch.autocast(device_type, dtype=getattr(torch, dtype), enabled=dtype != "float32")
+scaler = torch.amp.GradScaler(device_type, enabled=dtype == "float16")  # fp16 grads underflow unscaled
 
 # ---- data ------------------------------------------------------------------------------------
-for path in (os.path.join(data_dir, f"{split}.bin") for split in ("train", "val")):
-    if not os.path.isfile(path):
-        die(f"{path} not found: run `python prepare.py` first (or --input FILES for local text)")
-    if (size := os.path.getsize(path)) % 2:
-        die(f"{path} is not a whole number of uint16 tokens (truncated?): re-run prepare.py")
-    if size // 2 <= batch_size * block_size:
-        die(f"{path} holds {size // 2} tokens, fewer than one batch (batch_size x block_size + 1 = "
-            f"{batch_size * block_size + 1}): lower batch_size or block_size, or prepare more data")
 meta_path, masked = os.path.join(data_dir, "meta.json"), False  # masked: only the marked targets count
 if os.path.isfile(meta_path):
     try:
@@ -119,18 +106,23 @@ if os.path.isfile(meta_path):
         die(f"{meta_path} is unreadable ({e}): re-run prepare.py")
     if meta_vocab > vocab_size:
         die(f"the data's vocabulary ({meta_vocab} tokens, {meta_path}) does not fit vocab_size={vocab_size}")
-for split in ("train", "val") if masked else ():  # never train on the prompts for want of the masks
-    path = os.path.join(data_dir, f"{split}.mask.bin")
-    if not os.path.isfile(path) or 2 * os.path.getsize(path) != os.path.getsize(path.replace(".mask", "")):
-        die(f"{path} is missing or not one byte per token of {split}.bin, but meta.json says the data is "
-            "instruct data (the masks say which tokens carry the loss): re-run prepare.py --instruct")
+for split in ("train", "val"):
+    path, mask_path = os.path.join(data_dir, f"{split}.bin"), os.path.join(data_dir, f"{split}.mask.bin")
+    if not os.path.isfile(path):
+        die(f"{path} not found: run `python prepare.py` first (or --input FILES for local text)")
+    if (size := os.path.getsize(path)) % 2:
+        die(f"{path} is not a whole number of uint16 tokens (truncated?): re-run prepare.py")
+    if size // 2 <= batch_size * block_size:
+        die(f"{path} holds {size // 2} tokens, fewer than one batch (batch_size x block_size + 1 = "
+            f"{batch_size * block_size + 1}): lower batch_size or block_size, or prepare more data")
+    if masked and not (os.path.isfile(mask_path) and os.path.getsize(mask_path) == size // 2):
+        die(f"{mask_path} is missing or not one byte per token of {split}.bin, but meta.json says the data "
+            "is instruct data (the masks say which tokens carry the loss): re-run prepare.py --instruct")
 tokens_per_iter = gradient_accumulation_steps * world_size * rows * block_size
 loss_terms = "ce" + (f" + {mtp_lambda:g} mtp" if mtp_depth else "") + (" + aux" if seq_aux_alpha else "")
 
-
 def get_batch(split, it, micro):
-    """This rank's slice of micro-batch number (it, micro) of the run, drawn from its own seeded
-    generator, so a resumed run and a run on any number of ranks see exactly the same batches."""
+    """This rank's slice of micro-batch (it, micro), seeded by both: the same on resume, at any world size."""
     # re-open the memmap every batch: a long-lived np.memmap leaks memory (nanoGPT's note)
     data = np.memmap(os.path.join(data_dir, f"{split}.bin"), dtype=np.uint16, mode="r")
     key = ((seed * 2 + (split == "val")) * 1_000_003 + it + 1) * 65_537 + micro  # no hash(): it is salted
@@ -147,13 +139,8 @@ def get_batch(split, it, micro):
         return x.pin_memory().to(device, non_blocking=True), y.pin_memory().to(device, non_blocking=True)
     return x.to(device), y.to(device)
 
-
 # ---- model -----------------------------------------------------------------------------------
-try:
-    margs = ModelArgs(**{f.name: globals()[f.name] for f in fields(ModelArgs)})
-except ValueError as e:
-    die(str(e))
-iter_num, best_val_loss, ckpt = 0, 1e9, None
+iter_num, best_val_loss, ckpt = 0, 1e9, {}
 ckpt_path, log_path = os.path.join(out_dir, "ckpt.pt"), os.path.join(out_dir, "log.jsonl")
 if master and not eval_only:  # out_dir, before any work (eval_only writes nothing)
     old = [f for f in ("ckpt.pt", "ckpt.prev.pt", "log.jsonl") if os.path.exists(os.path.join(out_dir, f))]
@@ -167,11 +154,8 @@ if master and not eval_only:  # out_dir, before any work (eval_only writes nothi
         die(f"cannot write to out_dir={out_dir}: {parent} is not a writable folder (use another --out_dir)")
 
 stop_signal = None
-
-
 def on_signal(signum, frame):
-    """Ctrl-C or a cluster's SIGTERM: stop after the current step (saving it) or abandon the eval; a
-    second one quits at once (the default action), losing nothing saved: checkpoints are atomic."""
+    """Ctrl-C or SIGTERM: stop after this step (saving it) or abandon the eval; a second one quits at once."""
     global stop_signal
     stop_signal = signum
     signal.signal(signal.SIGINT, signal.SIG_DFL)
@@ -180,9 +164,9 @@ def on_signal(signum, frame):
         print(f"{signal.Signals(signum).name}: stopping at the end of this step or eval batch, saving any new"
               " steps (Ctrl-C again quits at once)", file=sys.stderr, flush=True)
 
-
 signal.signal(signal.SIGINT, on_signal)
 signal.signal(signal.SIGTERM, on_signal)
+model = DeepSeekV3(margs)  # (on resume: with this run's training knobs, and the checkpoint's weights)
 if init_from != "scratch":
     src = ckpt_path if init_from == "resume" else os.path.join(init_from, "ckpt.pt")
     try:
@@ -192,14 +176,12 @@ if init_from != "scratch":
     if diff := margs.differences(old.args):  # training-only knobs may change on resume (fine-tuning)
         die(f"{src} is a different architecture than the config asks for: "
             + ", ".join(f"{k}={getattr(old.args, k)!r} (config: {getattr(margs, k)!r})" for k in diff[:4]))
+    model.load_state_dict(old.state_dict())
     ckpt = ckpt if init_from == "resume" else {}  # another run's weights: a fresh optimizer and step count
     iter_num, best_val_loss = int(ckpt.get("iter_num", 0)), float(ckpt.get("best_val_loss", 1e9))
     if iter_num >= max_iters and not eval_only:  # a finished run: nothing to train, nothing to write
         print(f"{ckpt_path} has done all max_iters={max_iters} steps: nothing to do (raise max_iters)")
         sys.exit(0)
-model = DeepSeekV3(margs)  # (on resume: with this run's training knobs, and the checkpoint's weights)
-if ckpt is not None:
-    model.load_state_dict(old.state_dict())
 if wandb_log and master and not eval_only:
     try:
         import wandb
@@ -228,42 +210,34 @@ if use_liger:
         if master:
             print(f"note: use_liger=True but Liger kernels are unavailable ({e}); using plain PyTorch")
 raw_model = model
-if fsdp:
-    # FSDP2: each block (and MTP module) is one unit, gathered just before its forward/backward, freed after
+if fsdp:  # FSDP2: each block (and MTP module) is one unit, gathered for its forward/backward, freed after
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
-    mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16 if dtype == "bfloat16" else torch.float32,
-                              reduce_dtype=torch.float32)
+    mp = MixedPrecisionPolicy(param_dtype=getattr(torch, dtype), reduce_dtype=torch.float32)
     for unit in list(model.blocks) + list(model.mtp):
         if compile:
             unit.compile(dynamic=False)  # per block: FSDP's hooks stay outside the compiled graphs
         fully_shard(unit, mp_policy=mp)
     fully_shard(model, mp_policy=mp)
 optimizer = model.configure_optimizers(weight_decay, learning_rate, (beta1, beta2))
-if ckpt is not None:
-    if "optimizer" in ckpt:  # stored unsharded and keyed by parameter name: loads at any world size
-        set_optimizer_state_dict(model, optimizer, ckpt["optimizer"],
-                                 options=StateDictOptions(full_state_dict=True))
-        for group in optimizer.param_groups:  # an older checkpoint's unfused AdamW loses: the step needs
-            group["fused"], group["foreach"] = True, None  # fused AdamW's found_inf to skip a bad step
-    elif master and init_from == "resume":
-        print("note: the checkpoint has no optimizer state; starting a fresh optimizer")
-    if ckpt.get("scaler"):  # (empty when saved without fp16)
-        scaler.load_state_dict(ckpt["scaler"])
+if "optimizer" in ckpt:  # stored unsharded and keyed by parameter name: loads at any world size
+    dcp.set_optimizer_state_dict(model, optimizer, ckpt["optimizer"],
+                                 options=dcp.StateDictOptions(full_state_dict=True))
+    for group in optimizer.param_groups:  # an older checkpoint's unfused AdamW loses: the step needs
+        group["fused"], group["foreach"] = True, None  # fused AdamW's found_inf to skip a bad step
+elif master and init_from == "resume":
+    print("note: the checkpoint has no optimizer state; starting a fresh optimizer")
+if ckpt.get("scaler"):  # (empty when saved without fp16)
+    scaler.load_state_dict(ckpt["scaler"])
 ckpt = old = None  # free the memory
-if compile and not fsdp:  # fixed shapes; one CUDA process replays the step as CUDA graphs: launching
-    # its ~1,000 kernels one by one takes the CPU longer than the GPU takes to run them
+if compile and not fsdp:  # one CUDA process replays it as CUDA graphs: one-by-one launches starve the GPU
     graphs = device_type == "cuda" and not ddp
     model = torch.compile(model, dynamic=False, mode="reduce-overhead" if graphs else None)
-if ddp and not fsdp:
-    # broadcast_buffers=False: the all-reduced bias update keeps the expert biases identical; the grads ARE
-    # the buckets; 100 MB buckets, not PyTorch's 25: under compile each bucket boundary splits the graph
+if ddp and not fsdp:  # biases: all-reduced, not broadcast; big buckets: each boundary splits a compiled graph
     model = DDP(model, device_ids=[local_rank] if device_type == "cuda" else None, broadcast_buffers=False,
                 bucket_cap_mb=100, gradient_as_bucket_view=True)
 
-
 def read_flags(stop=torch.zeros((), device=device)):
-    """Reports each skipped step of `unread` (step numbers, finite flags), stops the run after max_bad_steps
-    in a row; -> whether a signal reached any rank (all ranks look at the same points: they stop together)."""
+    """Reports unread's skipped steps, stops after max_bad_steps in a row; -> did a signal reach any rank?"""
     global bad_steps
     stop.fill_(float(stop_signal is not None))  # fill_, never torch.tensor(..., device): no sync
     if ddp:
@@ -281,11 +255,9 @@ def read_flags(stop=torch.zeros((), device=device)):
     unread.clear()
     return bool(stop_any)
 
-
 @torch.no_grad()
 def estimate_loss():
-    """Mean main-model cross-entropy over eval_iters fixed batches per split (MTP not included), or
-    None when a signal reached any rank: all ranks abandon the eval at the same batch."""
+    """Main-model cross-entropy (no MTP) over eval_iters fixed batches per split; None on a signal."""
     out, t_note = {}, time.time()
     model.eval()
     for split in ("train", "val"):
@@ -305,28 +277,23 @@ def estimate_loss():
     model.train()
     return out
 
-
 def get_lr(it):
     if it < warmup_iters:
         return learning_rate * (it + 1) / (warmup_iters + 1)
     ratio = min(1.0, (it - warmup_iters) / max(1, lr_decay_iters - warmup_iters))  # min_lr after the decay
     return min_lr + 0.5 * (1.0 + math.cos(math.pi * ratio)) * (learning_rate - min_lr)
 
-
 def save():
-    """Every rank calls this (FSDP gathers the shards); rank 0 writes it, unsharded and keyed by parameter
-    name, so any world size, sample.py and export.py load it."""
-    global saved_iter
-    saved_iter = iter_num
-    opts = StateDictOptions(full_state_dict=True, cpu_offload=True)
-    ck = {"model": get_model_state_dict(raw_model, options=opts),
-          "optimizer": get_optimizer_state_dict(raw_model, optimizer, options=opts),
+    """Every rank calls it (FSDP gathers the shards), rank 0 writes it, unsharded; -> the step it holds."""
+    opts = dcp.StateDictOptions(full_state_dict=True, cpu_offload=True)
+    ck = {"model": dcp.get_model_state_dict(raw_model, options=opts),
+          "optimizer": dcp.get_optimizer_state_dict(raw_model, optimizer, options=opts),
           "model_args": asdict(raw_model.args), "iter_num": iter_num, "best_val_loss": best_val_loss,
           "config": config, "scaler": scaler.state_dict()}
     if master:
         save_checkpoint(ckpt_path, ck, keep_prev=keep_last)
         print(f"saved checkpoint to {ckpt_path} (iter {iter_num})")
-
+    return iter_num
 
 def log(record):
     os.makedirs(out_dir, exist_ok=True)
@@ -335,11 +302,9 @@ def log(record):
     if wandb_log:
         wandb.log(record)
 
-
 # ---- the loop --------------------------------------------------------------------------------
 X, Y = get_batch("train", iter_num, rank_group * gradient_accumulation_steps)
-# the logged speed is the mean over the iterations since the previous log line
-t_window, n_window, bad_steps, unread = time.time(), 0, 0, []
+t_window, n_window, bad_steps, unread = time.time(), 0, 0, []  # speed: the mean since the last log line
 while True:
     lr = get_lr(iter_num)
     for group in optimizer.param_groups:
@@ -355,13 +320,12 @@ while True:
                 log({"iter": iter_num, "ce/train": losses["train"], "ce/val": losses["val"], "lr": lr})
         if (losses["val"] < best_val_loss or always_save_checkpoint) and iter_num != saved_iter:
             best_val_loss = min(best_val_loss, losses["val"])
-            save()
+            saved_iter = save()
         t_window, n_window = time.time(), 0  # the logged speed leaves evals and saving out
     if eval_only or iter_num >= max_iters:
         break
 
-    # dropout and routing noise drawn as the batches are, seeded by the step (and rank): exact resumes
-    torch.manual_seed((seed * 1_000_003 + iter_num) * 4096 + rank)
+    torch.manual_seed((seed * 1_000_003 + iter_num) * 4096 + rank)  # dropout and routing noise: exact resumes
     loss_sum = torch.zeros((), device=device)
     for micro in range(gradient_accumulation_steps):
         last = micro == gradient_accumulation_steps - 1
@@ -375,7 +339,6 @@ while True:
         X, Y = get_batch("train", it, rank_group * gradient_accumulation_steps + m)
         scaler.scale(loss).backward()
         loss_sum += loss.detach()
-    # the gradient norm (clipped if grad_clip > 0) also tells us whether the step is finite
     scaler.unscale_(optimizer)
     norm = torch.nn.utils.clip_grad_norm_(raw_model.parameters(), grad_clip if grad_clip > 0 else math.inf)
     if hasattr(norm, "full_tensor"):  # FSDP: a DTensor
@@ -384,15 +347,13 @@ while True:
     scaler.update()  # (fp16: a lower scale after an overflow)
     optimizer.zero_grad(set_to_none=True)
     unread.append((iter_num, finite, torch.isfinite(loss_sum)))
-    # the host reads the flags where it waits anyway (a log line, an eval), so never mid-run on a GPU, where
-    # a Ctrl-C takes effect within log_interval steps; on the CPU nothing runs ahead of it: every step
+    # read where the host waits anyway (a log line, an eval), never mid-run on a GPU; on the CPU, every step
     stop = (iter_num % log_interval == 0 or device_type == "cpu") and read_flags()
 
     n_window += 1
     if iter_num % log_interval == 0:
-        t1 = time.time()
-        dt = (t1 - t_window) / n_window  # seconds per iteration
-        t_window, n_window = t1, 0
+        dt = (time.time() - t_window) / n_window  # seconds per iteration
+        t_window, n_window = time.time(), 0
         if ddp:
             dist.all_reduce(loss_sum, op=dist.ReduceOp.AVG)
         if master:
