@@ -203,8 +203,8 @@ model.to(device)
 model.use_checkpointing = use_checkpointing
 if use_liger:
     try:
-        if device_type != "cuda":
-            raise ImportError("needs CUDA")
+        if device_type != "cuda" or torch.cuda.get_device_capability(device) < (7, 0):
+            raise ImportError("its Triton kernels need CUDA and compute capability 7.0+")
         model.use_liger()
     except ImportError as e:
         if master:
