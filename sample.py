@@ -349,7 +349,7 @@ if __name__ == "__main__":
     seed = 1337
     device = "auto"                 # 'auto' (cuda, else mps, else cpu), 'cpu', 'cuda', 'cuda:1', 'mps'
     dtype = "auto"                  # 'auto' (by the GPU: model.pick_device), float32, bfloat16, float16
-    compile = False                 # torch.compile the decode step: a minute of compiling, then faster
+    compile = False                 # torch.compile the decode step: ~20-40 s of compiling, then faster
     cuda_graph = True               # on CUDA, replay each decode step as a captured CUDA graph
     verbose = False                 # report tokens/s (and the draft acceptance rate) on stderr
     try:
