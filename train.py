@@ -270,7 +270,7 @@ def estimate_loss():
                 t_note = time.time()
             X, Y = get_batch(split, -1, k * rank_groups + rank_group)  # the same eval batches every time
             with ctx:
-                losses[k] = model(X, Y)[1]
+                losses[k] = raw_model(X, Y)[1]  # eager: compiling eval mode too would delay step 0
         if ddp:
             dist.all_reduce(losses, op=dist.ReduceOp.AVG)
         out[split] = losses.mean().item()
