@@ -266,7 +266,7 @@ def fail(msg, code=1):
 
 
 def load_model(path, device, dtype, compile, speculative):
-    """-> (the checkpoint's model on the device in the dtype, compile, pick_device's line), or an error line."""
+    """-> (the checkpoint's model on device in dtype, compile, pick_device's line), or an error line."""
     try:
         device, dtype, compile, moe_impl, line = pick_device(device, dtype, compile)
     except ValueError as e:

@@ -9,8 +9,8 @@ init_from = "out-sft"
 data_dir = "data/tinystories_instruct"
 wandb_run_name = "grpo-16x4"
 
-max_iters = 60
-eval_interval = 20
+max_iters = 75
+eval_interval = 25
 eval_prompts = 128
 prompts_per_step = 16
 group_size = 8
@@ -20,4 +20,4 @@ temperature = 1.0
 ppo_epochs = 2
 clip_eps = 0.2
 kl_coef = 0.02
-learning_rate = 1e-5
+learning_rate = 3e-5
