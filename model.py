@@ -15,6 +15,7 @@ import os
 from dataclasses import dataclass, fields
 
 import torch
+import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
@@ -321,6 +322,7 @@ class MoE(nn.Module):
         self.shared = MLP(d, args.n_shared_experts * h) if args.n_shared_experts > 0 else None
         # tokens routed to each expert since the last update_expert_bias(); cleared every step, so not saved
         self.register_buffer("tokens_per_expert", torch.zeros(E, dtype=torch.float32), persistent=False)
+        self.ep_group = None  # expert parallelism: the ranks that hold the experts between them (shard_experts)
 
     def forward(self, x):
         """x: (B, T, d) -> (y, counts (E,), seq_aux_loss scalar)."""
@@ -348,31 +350,58 @@ class MoE(nn.Module):
     def run_experts(self, x, w, idx, counts):
         # sort the (token, slot) pairs by expert, run each expert on its contiguous rows, unsort
         K, d = idx.shape[1], x.shape[1]
-        order = idx.flatten().argsort(stable=True)   # row r of the sorted batch is slot order[r]
-        inv = torch.empty_like(order).scatter_(0, order, torch.arange(order.numel(), device=x.device))
+        order, inv = sort_rows(idx.flatten())   # row r of the sorted batch is slot order[r]
         dt = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
         xs = Dispatch.apply(x.to(dt), order, inv, K)
         ws = w.flatten()[order].unsqueeze(-1)              # each sorted row's gate weight
-        offs, tiles = counts.cumsum(0).to(torch.int32), None
+        run = self.local_experts if self.ep_group is None else self.experts_elsewhere
+        ys = run(xs, ws, counts, idx.flatten()[order])
+        y = Dispatch.apply(ys, inv, order, 1).view(-1, K, d)            # back to (N, k, d)
+        return y.sum(1, dtype=torch.float32).type_as(x)
+
+    def local_experts(self, xs, ws, counts, expert):
+        """Rows xs sorted by expert (counts: rows per expert held here; expert: each row's), each row
+        through its expert, scaled by its gate weight ws before the down-projection."""
+        offs, tiles, dt = counts.cumsum(0).to(torch.int32), None, xs.dtype
         if self.args.moe_impl != "grouped":
             # each expert's rows padded with zeros to whole tiles of M rows, one bmm: N tiles fit any routing
             # (static shapes, no host sync, no token dropped); M = rows / 4E pads about a quarter more rows
-            E, rows, c = counts.numel(), order.numel(), counts.long()
-            M = -(-rows // (4 * E))
+            E, (rows, d), c = counts.numel(), xs.shape, counts.long()
+            M = max(-(-rows // (4 * E)), 1)
             n = (c + M - 1) // M  # tiles per expert
             N, ends = (rows + min(E, rows) * (M - 1)) // M, n.cumsum(0)  # N >= sum(n), whatever the counts
-            tiles = torch.searchsorted(ends, torch.arange(N, device=x.device), right=True).clamp_(max=E - 1)
+            tiles = torch.searchsorted(ends, torch.arange(N, device=xs.device), right=True).clamp_(max=E - 1)
             # sorted row r of expert e goes to r - (e's first sorted row) + M * (e's first tile)
-            pos = torch.arange(rows, device=x.device) + ((ends - n) * M - offs + c)[idx.flatten()[order]]
+            pos = torch.arange(rows, device=xs.device) + ((ends - n) * M - offs + c)[expert]
             xs = xs.new_zeros(N * M, d).index_copy(0, pos, xs).view(N, M, d)
             ws = ws.new_zeros(N * M, 1).index_copy(0, pos, ws).view(N, M, 1)
         w13 = torch.cat([self.w1, self.w3], dim=1).to(dt)  # both input projections in one GEMM
         a, b = ExpertLinear.apply(xs, w13, offs, tiles).chunk(2, dim=-1)
         # scale by the gate weight before the down-projection: W2(g h) = g W2(h), on fewer dims
         ys = ExpertLinear.apply((F.silu(a) * b * ws).to(dt), self.w2.to(dt), offs, tiles)
-        ys = ys if tiles is None else ys.flatten(0, 1).index_select(0, pos)  # (unpadded)
-        y = Dispatch.apply(ys, inv, order, 1).view(-1, K, d)            # back to (N, k, d)
-        return y.sum(1, dtype=torch.float32).type_as(x)
+        return ys if tiles is None else ys.flatten(0, 1).index_select(0, pos)  # (unpadded)
+
+    def experts_elsewhere(self, xs, ws, counts, expert):
+        """Expert parallelism: rows xs sorted by expert (counts: rows per expert, all of them) go to the EP
+        rank that holds their expert, through it there, and come back; autograd runs the trip in reverse."""
+        from torch.distributed._functional_collectives import all_to_all_single_autograd as all_to_all
+        group, n = self.ep_group, dist.get_world_size(self.ep_group)
+        send = counts.long().view(n, -1)  # rows for (each EP rank, each of its experts)
+        recv = torch.empty_like(send)     # rows from (each EP rank, for each of this rank's experts)
+        dist.all_to_all_single(recv, send, group=group)
+        rows_out, rows_in = send.sum(1).tolist(), recv.sum(1).tolist()  # (the host must know the sizes)
+        xs, ws = (all_to_all(t, rows_in, rows_out, group) for t in (xs, ws))
+        # they arrive grouped by sending rank, then by expert: regroup them by expert for the GEMMs
+        mine = torch.arange(send.shape[1], device=xs.device).repeat(n).repeat_interleave(recv.flatten())
+        order, inv = sort_rows(mine)
+        ys = self.local_experts(Dispatch.apply(xs, order, inv, 1), ws[order], recv.sum(0), mine[order])
+        return all_to_all(Dispatch.apply(ys, inv, order, 1), rows_out, rows_in, group)
+
+
+def sort_rows(keys):
+    """-> (order, inv): the stable sort of keys and its inverse permutation."""
+    order = keys.argsort(stable=True)
+    return order, torch.empty_like(order).scatter_(0, order, torch.arange(order.numel(), device=keys.device))
 
 
 # ---- blocks, MTP and the model -------------------------------------------------------------------
@@ -447,6 +476,14 @@ class DeepSeekV3(nn.Module):
 
     def moe_layers(self):
         return [m for m in self.modules() if isinstance(m, MoE)]
+
+    def shard_experts(self, group):
+        """Expert parallelism (train.py's ep): each rank of `group` keeps its share of every MoE's routed
+        experts (w1/w3/w2 sliced on dim 0, in rank order); the gates and everything else stay whole."""
+        n, r = dist.get_world_size(group), dist.get_rank(group)
+        for m in self.moe_layers():
+            m.ep_group = group
+            m.w1, m.w3, m.w2 = [nn.Parameter(w.detach().chunk(n)[r].clone()) for w in (m.w1, m.w3, m.w2)]
 
     def forward(self, idx, targets=None):
         """idx, targets: (B, T) token ids. Training mode with targets: loss = main CE + mtp_lambda *

@@ -13,6 +13,7 @@ from dataclasses import asdict, fields
 import numpy as np
 import torch
 import torch.distributed as dist
+import torch.distributed._functional_collectives as funcol
 import torch.distributed.checkpoint.state_dict as dcp
 from torch.nn.parallel import DistributedDataParallel as DDP
 
@@ -56,6 +57,7 @@ compile = None                  # torch.compile the model; None = on CUDA GPUs t
 use_checkpointing = False       # activation checkpointing per block: less memory, ~1/3 more compute
 use_liger = False               # Liger's fused linear cross-entropy (CUDA + liger-kernel installed)
 fsdp = False                    # under torchrun: shard params, grads and optimizer state per block (FSDP2)
+ep = 1                          # under torchrun: expert parallelism, each of ep ranks holding 1/ep of the experts
 # -----------------------------------------------------------------------------
 from configurator import configure, fail as die  # noqa: E402  (die: one line on stderr, exit 2)
 configure(globals())
@@ -73,9 +75,15 @@ if batch_size % share:
         f"evenly over {world_size} ranks: make batch_size divisible by {share}")
 if fsdp and not ddp:
     die("fsdp=True shards the model over processes: launch with torchrun (e.g. --nproc_per_node=2)")
+for bad, why in [(ep < 1 or n_routed_experts % ep or not n_routed_experts, f"must divide n_routed_experts="
+                  f"{n_routed_experts}"), (ep > 1 and not ddp, "shares the experts out over processes: launch "
+                  f"with torchrun (--nproc_per_node a multiple of {ep})"), (world_size % ep, f"must divide the "
+                  f"{world_size} ranks"), (ep > 1 and fsdp, "and fsdp=True together are not supported")]:
+    if bad:
+        die(f"ep={ep} {why}")
 gradient_accumulation_steps //= rank_groups
 rows = batch_size // share  # sequences per rank per micro-step
-rank_group, part = rank // share, rank % share  # which micro-steps this rank runs, which slice of them
+rank_group, part, ep_rank = rank // share, rank % share, rank % ep  # which micro-steps this rank runs, which slice of them
 master = rank == 0
 
 # ---- device, precision and model ------------------------------------------------------------
@@ -199,6 +207,14 @@ if master:
     print(f"tokens per iteration: {tokens_per_iter:,} ({world_size} rank(s) x {gradient_accumulation_steps} "
           f"micro-steps x {rows} x {block_size})")
 saved_iter = iter_num  # the checkpoint holds this state (or, from scratch, there is nothing to save)
+mfu_per_tok_s = model.estimate_mfu(1, 989e12 * world_size)  # against H100s' bf16 dense peak (all experts)
+if ep > 1:  # a (dp, ep) mesh: each run of ep ranks holds the experts between them; dp: the copies of each share
+    from torch.distributed.device_mesh import init_device_mesh
+    mesh = init_device_mesh(device_type, (world_size // ep, ep), mesh_dim_names=("dp", "ep"))
+    dp_group, ep_group = mesh["dp"].get_group(), mesh["ep"].get_group()
+    model.shard_experts(ep_group)
+experts = [p for p in model.parameters() if ep > 1 and p.dim() == 3]  # (EP: this rank's share)
+others = [p for p in model.parameters() if ep == 1 or p.dim() != 3]
 model.to(device)
 model.use_checkpointing = use_checkpointing
 if use_liger:
@@ -220,6 +236,8 @@ if fsdp:  # FSDP2: each block (and MTP module) is one unit, gathered for its for
     fully_shard(model, mp_policy=mp)
 optimizer = model.configure_optimizers(weight_decay, learning_rate, (beta1, beta2))
 if "optimizer" in ckpt:  # stored unsharded and keyed by parameter name: loads at any world size
+    for name, state in ckpt["optimizer"]["state"].items():  # (EP: this rank's share of the experts')
+        state.update({k: v.chunk(ep)[ep_rank] for k, v in state.items() if v.dim() == 3})
     dcp.set_optimizer_state_dict(model, optimizer, ckpt["optimizer"],
                                  options=dcp.StateDictOptions(full_state_dict=True))
     for group in optimizer.param_groups:  # an older checkpoint's unfused AdamW loses: the step needs
@@ -233,6 +251,8 @@ if compile and not fsdp:  # one CUDA process replays it as CUDA graphs: one-by-o
     graphs = device_type == "cuda" and not ddp
     model = torch.compile(model, dynamic=False, mode="reduce-overhead" if graphs else None)
 if ddp and not fsdp:  # biases: all-reduced, not broadcast; big buckets: each boundary splits a compiled graph
+    DDP._set_params_and_buffers_to_ignore_for_model(model, [n for n, p in model.named_parameters() if ep > 1
+                                                            and p.dim() == 3])  # (EP's experts: see below)
     model = DDP(model, device_ids=[local_rank] if device_type == "cuda" else None, broadcast_buffers=False,
                 bucket_cap_mb=100, gradient_as_bucket_view=True)
 
@@ -284,12 +304,14 @@ def get_lr(it):
     return min_lr + 0.5 * (1.0 + math.cos(math.pi * ratio)) * (learning_rate - min_lr)
 
 def save():
-    """Every rank calls it (FSDP gathers the shards), rank 0 writes it, unsharded; -> the step it holds."""
-    opts = dcp.StateDictOptions(full_state_dict=True, cpu_offload=True)
+    """Every rank calls it (FSDP and EP gather the shards), rank 0 writes it, unsharded; -> the step it holds."""
+    opts = dcp.StateDictOptions(full_state_dict=True, cpu_offload=ep == 1)  # (EP: a state dict on every rank)
     ck = {"model": dcp.get_model_state_dict(raw_model, options=opts),
           "optimizer": dcp.get_optimizer_state_dict(raw_model, optimizer, options=opts),
           "model_args": asdict(raw_model.args), "iter_num": iter_num, "best_val_loss": best_val_loss,
           "config": config, "scaler": scaler.state_dict()}
+    for sd in (ck["model"], *ck["optimizer"]["state"].values()) if ep > 1 else ():  # all EP ranks' experts
+        sd.update({k: (funcol.all_gather_tensor(v, 0, ep_group) if v.dim() == 3 else v).to("cpu", copy=True) for k, v in sd.items()})
     if master:
         save_checkpoint(ckpt_path, ck, keep_prev=keep_last)
         print(f"saved checkpoint to {ckpt_path} (iter {iter_num})")
@@ -340,7 +362,15 @@ while True:
         scaler.scale(loss).backward()
         loss_sum += loss.detach()
     scaler.unscale_(optimizer)
-    norm = torch.nn.utils.clip_grad_norm_(raw_model.parameters(), grad_clip if grad_clip > 0 else math.inf)
+    if ep > 1:  # the experts met all ranks' tokens (all_to_all): their grads, summed over their copies / world
+        for p in experts:
+            dist.all_reduce(p.grad.div_(world_size), group=dp_group)
+        sq = torch.nn.utils.get_total_norm([p.grad for p in experts]) ** 2
+        dist.all_reduce(sq, group=ep_group)  # the norm over every EP rank's share: one norm, one clip everywhere
+        norm = (torch.nn.utils.get_total_norm([p.grad for p in others if p.grad is not None]) ** 2 + sq).sqrt()
+        torch.nn.utils.clip_grads_with_norm_(raw_model.parameters(), grad_clip if grad_clip > 0 else math.inf, norm)
+    else:
+        norm = torch.nn.utils.clip_grad_norm_(raw_model.parameters(), grad_clip if grad_clip > 0 else math.inf)
     if hasattr(norm, "full_tensor"):  # FSDP: a DTensor
         norm = norm.full_tensor()
     finite, maxvio = raw_model.optimizer_step(optimizer, norm)  # a non-finite step is skipped on the device
@@ -358,7 +388,7 @@ while True:
             dist.all_reduce(loss_sum, op=dist.ReduceOp.AVG)
         if master:
             lossf, tok_s, gn = loss_sum.item(), tokens_per_iter / dt, norm.item()
-            mfu = raw_model.estimate_mfu(tok_s, 989e12 * world_size)  # against H100s' bf16 dense peak
+            mfu = mfu_per_tok_s * tok_s
             mv = maxvio.item() if maxvio is not None and finite.item() else float("nan")
             print(f"iter {iter_num}: loss {lossf:.4f} ({loss_terms}), lr {lr:.2e}, time {dt * 1000:.0f}ms, "
                   f"{tok_s:,.0f} tok/s, mfu {f'{mfu:.1%}' if device_type == 'cuda' else 'n/a'}, "

@@ -58,9 +58,13 @@ def run_train(tmp, *args, check=True, env=None, timeout=240):
     return p
 
 
-def step_losses(out_dir):
+def step_logs(out_dir):
     rows = [json.loads(l) for l in (out_dir / "log.jsonl").read_text().splitlines()]
-    return {r["iter"]: r["loss"] for r in rows if "loss" in r}
+    return {r["iter"]: r for r in rows if "loss" in r}
+
+
+def step_losses(out_dir):
+    return {i: r["loss"] for i, r in step_logs(out_dir).items()}
 
 
 def snapshot(d):
@@ -203,16 +207,16 @@ torch.save(biases, os.path.join(g["out_dir"], f"biases{{g['rank']}}.pt"))
 """
 
 
-def torchrun(tmp, out, *args):
+def torchrun(tmp, out, *args, nproc=2):
     exe = os.path.join(os.path.dirname(sys.executable), "torchrun")
     (tmp / "biases.py").write_text(BIASES)
-    cmd = [exe if os.path.exists(exe) else "torchrun", "--standalone", "--nproc_per_node=2",
+    cmd = [exe if os.path.exists(exe) else "torchrun", "--standalone", f"--nproc_per_node={nproc}",
            str(tmp / "biases.py"), *TINY, f"--data_dir={tmp / 'data'}", f"--out_dir={out}", *args]
     p = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300,
                        env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
-    b0, b1 = (torch.load(out / f"biases{r}.pt") for r in (0, 1))
-    assert all(torch.equal(x, y) for x, y in zip(b0, b1)), "the ranks' expert biases differ"
+    b0, *bs = (torch.load(out / f"biases{r}.pt") for r in range(nproc))
+    assert all(torch.equal(x, y) for b in bs for x, y in zip(b0, b)), "the ranks' expert biases differ"
     return p
 
 
@@ -255,6 +259,20 @@ def test_ddp_and_fsdp_two_processes_match_one(tmp):
     for i in range(6):
         assert after[i] == pytest.approx(one[i], rel=1e-4, abs=1e-5), (i, one[i], after[i])
     assert all(first[i] == after[i] for i in range(3))
+
+    # expert parallelism: 2 steps on 4 ranks (dp=2 x ep=2), 2 in one process from its checkpoint, the
+    # last 2 on 2 ranks (ep=2) from that one's: the 1-process losses, grad norms and expert biases
+    ep = tmp / "ep"
+    torchrun(tmp, ep, *common[:-4], "--max_iters=2", *common[-3:], "--ep=2", nproc=4)
+    run_train(tmp, *common[:-4], "--max_iters=4", *common[-3:], "--init_from=resume", f"--out_dir={ep}")
+    torchrun(tmp, ep, *common, "--init_from=resume", "--ep=2")
+    got, want = step_logs(ep), step_logs(tmp / "out")
+    assert sorted(got) == sorted(want)
+    for i in want:
+        for k in ("loss", "grad_norm"):
+            assert got[i][k] == pytest.approx(want[i][k], rel=1e-4, abs=1e-5), (i, k, want[i][k], got[i][k])
+    for x, y in zip(b1, [m.gate.bias for m in load_checkpoint(str(ep / "ckpt.pt"))[0].moe_layers()]):
+        assert torch.allclose(x, y, atol=1e-6)
 
 
 # ---- crash safety ---------------------------------------------------------------------------
