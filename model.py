@@ -15,7 +15,6 @@ import os
 from dataclasses import dataclass, fields
 
 import torch
-import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
@@ -322,7 +321,7 @@ class MoE(nn.Module):
         self.shared = MLP(d, args.n_shared_experts * h) if args.n_shared_experts > 0 else None
         # tokens routed to each expert since the last update_expert_bias(); cleared every step, so not saved
         self.register_buffer("tokens_per_expert", torch.zeros(E, dtype=torch.float32), persistent=False)
-        self.ep_group = None  # expert parallelism: the ranks that hold the experts between them (shard_experts)
+        self.ep_group = None  # expert parallelism: the ranks holding the experts between them (train.py)
 
     def forward(self, x):
         """x: (B, T, d) -> (y, counts (E,), seq_aux_loss scalar)."""
@@ -350,7 +349,8 @@ class MoE(nn.Module):
     def run_experts(self, x, w, idx, counts):
         # sort the (token, slot) pairs by expert, run each expert on its contiguous rows, unsort
         K, d = idx.shape[1], x.shape[1]
-        order, inv = sort_rows(idx.flatten())   # row r of the sorted batch is slot order[r]
+        order = idx.flatten().argsort(stable=True)   # row r of the sorted batch is slot order[r]
+        inv = torch.empty_like(order).scatter_(0, order, torch.arange(order.numel(), device=x.device))
         dt = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
         xs = Dispatch.apply(x.to(dt), order, inv, K)
         ws = w.flatten()[order].unsqueeze(-1)              # each sorted row's gate weight
@@ -384,24 +384,18 @@ class MoE(nn.Module):
     def experts_elsewhere(self, xs, ws, counts, expert):
         """Expert parallelism: rows xs sorted by expert (counts: rows per expert, all of them) go to the EP
         rank that holds their expert, through it there, and come back; autograd runs the trip in reverse."""
-        from torch.distributed._functional_collectives import all_to_all_single_autograd as all_to_all
-        group, n = self.ep_group, dist.get_world_size(self.ep_group)
+        import torch.distributed._functional_collectives as funcol
+        group, n = self.ep_group, self.ep_group.size()
         send = counts.long().view(n, -1)  # rows for (each EP rank, each of its experts)
-        recv = torch.empty_like(send)     # rows from (each EP rank, for each of this rank's experts)
-        dist.all_to_all_single(recv, send, group=group)
+        recv = funcol.all_to_all_single(send, None, None, group)  # rows from each rank for each expert here
         rows_out, rows_in = send.sum(1).tolist(), recv.sum(1).tolist()  # (the host must know the sizes)
-        xs, ws = (all_to_all(t, rows_in, rows_out, group) for t in (xs, ws))
+        xs, ws = (funcol.all_to_all_single_autograd(t, rows_in, rows_out, group) for t in (xs, ws))
         # they arrive grouped by sending rank, then by expert: regroup them by expert for the GEMMs
         mine = torch.arange(send.shape[1], device=xs.device).repeat(n).repeat_interleave(recv.flatten())
-        order, inv = sort_rows(mine)
-        ys = self.local_experts(Dispatch.apply(xs, order, inv, 1), ws[order], recv.sum(0), mine[order])
-        return all_to_all(Dispatch.apply(ys, inv, order, 1), rows_out, rows_in, group)
-
-
-def sort_rows(keys):
-    """-> (order, inv): the stable sort of keys and its inverse permutation."""
-    order = keys.argsort(stable=True)
-    return order, torch.empty_like(order).scatter_(0, order, torch.arange(order.numel(), device=keys.device))
+        order = mine.argsort(stable=True)
+        ys = self.local_experts(xs[order], ws[order], recv.sum(0), mine[order])
+        ys = torch.empty_like(ys).index_copy(0, order, ys)  # (back in the order they came)
+        return funcol.all_to_all_single_autograd(ys, rows_out, rows_in, group)
 
 
 # ---- blocks, MTP and the model -------------------------------------------------------------------
@@ -476,14 +470,6 @@ class DeepSeekV3(nn.Module):
 
     def moe_layers(self):
         return [m for m in self.modules() if isinstance(m, MoE)]
-
-    def shard_experts(self, group):
-        """Expert parallelism (train.py's ep): each rank of `group` keeps its share of every MoE's routed
-        experts (w1/w3/w2 sliced on dim 0, in rank order); the gates and everything else stay whole."""
-        n, r = dist.get_world_size(group), dist.get_rank(group)
-        for m in self.moe_layers():
-            m.ep_group = group
-            m.w1, m.w3, m.w2 = [nn.Parameter(w.detach().chunk(n)[r].clone()) for w in (m.w1, m.w3, m.w2)]
 
     def forward(self, idx, targets=None):
         """idx, targets: (B, T) token ids. Training mode with targets: loss = main CE + mtp_lambda *

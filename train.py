@@ -15,6 +15,7 @@ import torch
 import torch.distributed as dist
 import torch.distributed._functional_collectives as funcol
 import torch.distributed.checkpoint.state_dict as dcp
+from torch.distributed.device_mesh import init_device_mesh
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from model import CheckpointError, DeepSeekV3, ModelArgs, load_checkpoint, pick_device, save_checkpoint
@@ -57,7 +58,7 @@ compile = None                  # torch.compile the model; None = on CUDA GPUs t
 use_checkpointing = False       # activation checkpointing per block: less memory, ~1/3 more compute
 use_liger = False               # Liger's fused linear cross-entropy (CUDA + liger-kernel installed)
 fsdp = False                    # under torchrun: shard params, grads and optimizer state per block (FSDP2)
-ep = 1                          # under torchrun: expert parallelism, each of ep ranks holding 1/ep of the experts
+ep = 1                          # under torchrun: expert parallelism, ep ranks sharing out the routed experts
 # -----------------------------------------------------------------------------
 from configurator import configure, fail as die  # noqa: E402  (die: one line on stderr, exit 2)
 configure(globals())
@@ -75,15 +76,18 @@ if batch_size % share:
         f"evenly over {world_size} ranks: make batch_size divisible by {share}")
 if fsdp and not ddp:
     die("fsdp=True shards the model over processes: launch with torchrun (e.g. --nproc_per_node=2)")
-for bad, why in [(ep < 1 or n_routed_experts % ep or not n_routed_experts, f"must divide n_routed_experts="
-                  f"{n_routed_experts}"), (ep > 1 and not ddp, "shares the experts out over processes: launch "
-                  f"with torchrun (--nproc_per_node a multiple of {ep})"), (world_size % ep, f"must divide the "
-                  f"{world_size} ranks"), (ep > 1 and fsdp, "and fsdp=True together are not supported")]:
+for bad, why in [  # expert parallelism: each of ep ranks holds n_routed_experts / ep experts
+        (ep < 1 or not n_routed_experts or n_routed_experts % ep,
+         f"must divide n_routed_experts={n_routed_experts}"),
+        (ep > 1 and not ddp, "shares the experts out over processes: launch it with torchrun"),
+        (ep > 1 and world_size % ep, f"must divide the number of ranks ({world_size})"),
+        (ep > 1 and fsdp, "with fsdp=True is not supported: shard the experts with one or the other")]:
     if bad:
         die(f"ep={ep} {why}")
 gradient_accumulation_steps //= rank_groups
 rows = batch_size // share  # sequences per rank per micro-step
-rank_group, part, ep_rank = rank // share, rank % share, rank % ep  # which micro-steps this rank runs, which slice of them
+rank_group, part = rank // share, rank % share  # which micro-steps this rank runs, which slice of them
+ep_rank = rank % ep  # which share of the experts this rank holds (ranks r, r+1, ... r+ep-1 hold them all)
 master = rank == 0
 
 # ---- device, precision and model ------------------------------------------------------------
@@ -208,13 +212,14 @@ if master:
           f"micro-steps x {rows} x {block_size})")
 saved_iter = iter_num  # the checkpoint holds this state (or, from scratch, there is nothing to save)
 mfu_per_tok_s = model.estimate_mfu(1, 989e12 * world_size)  # against H100s' bf16 dense peak (all experts)
-if ep > 1:  # a (dp, ep) mesh: each run of ep ranks holds the experts between them; dp: the copies of each share
-    from torch.distributed.device_mesh import init_device_mesh
+if ep > 1:  # a (dp, ep) mesh: ep ranks hold the experts between them, dp copies of that; gates etc. whole
     mesh = init_device_mesh(device_type, (world_size // ep, ep), mesh_dim_names=("dp", "ep"))
     dp_group, ep_group = mesh["dp"].get_group(), mesh["ep"].get_group()
-    model.shard_experts(ep_group)
-experts = [p for p in model.parameters() if ep > 1 and p.dim() == 3]  # (EP: this rank's share)
-others = [p for p in model.parameters() if ep == 1 or p.dim() != 3]
+    for m in model.moe_layers():  # the routed experts' 3-D weights, sliced on dim 0
+        m.ep_group = ep_group
+        shares = [w.detach().chunk(ep)[ep_rank].clone() for w in (m.w1, m.w3, m.w2)]
+        m.w1, m.w3, m.w2 = map(torch.nn.Parameter, shares)
+experts = [p for p in model.parameters() if ep > 1 and p.dim() == 3]  # (EP's shares: the only 3-D ones)
 model.to(device)
 model.use_checkpointing = use_checkpointing
 if use_liger:
@@ -251,8 +256,8 @@ if compile and not fsdp:  # one CUDA process replays it as CUDA graphs: one-by-o
     graphs = device_type == "cuda" and not ddp
     model = torch.compile(model, dynamic=False, mode="reduce-overhead" if graphs else None)
 if ddp and not fsdp:  # biases: all-reduced, not broadcast; big buckets: each boundary splits a compiled graph
-    DDP._set_params_and_buffers_to_ignore_for_model(model, [n for n, p in model.named_parameters() if ep > 1
-                                                            and p.dim() == 3])  # (EP's experts: see below)
+    ignore = [n for n, p in model.named_parameters() if ep > 1 and p.dim() == 3]  # (EP's experts: the loop's)
+    DDP._set_params_and_buffers_to_ignore_for_model(model, ignore)
     model = DDP(model, device_ids=[local_rank] if device_type == "cuda" else None, broadcast_buffers=False,
                 bucket_cap_mb=100, gradient_as_bucket_view=True)
 
@@ -304,14 +309,15 @@ def get_lr(it):
     return min_lr + 0.5 * (1.0 + math.cos(math.pi * ratio)) * (learning_rate - min_lr)
 
 def save():
-    """Every rank calls it (FSDP and EP gather the shards), rank 0 writes it, unsharded; -> the step it holds."""
-    opts = dcp.StateDictOptions(full_state_dict=True, cpu_offload=ep == 1)  # (EP: a state dict on every rank)
+    """Every rank calls it (FSDP, EP gather the shards), rank 0 writes it, unsharded; -> the step it holds."""
+    opts = dcp.StateDictOptions(full_state_dict=True, cpu_offload=ep == 1)  # (EP: state dicts on every rank)
     ck = {"model": dcp.get_model_state_dict(raw_model, options=opts),
           "optimizer": dcp.get_optimizer_state_dict(raw_model, optimizer, options=opts),
           "model_args": asdict(raw_model.args), "iter_num": iter_num, "best_val_loss": best_val_loss,
           "config": config, "scaler": scaler.state_dict()}
     for sd in (ck["model"], *ck["optimizer"]["state"].values()) if ep > 1 else ():  # all EP ranks' experts
-        sd.update({k: (funcol.all_gather_tensor(v, 0, ep_group) if v.dim() == 3 else v).to("cpu", copy=True) for k, v in sd.items()})
+        sd.update({k: (funcol.all_gather_tensor(v, 0, ep_group) if v.dim() == 3 else v).to("cpu", copy=True)
+                   for k, v in sd.items()})
     if master:
         save_checkpoint(ckpt_path, ck, keep_prev=keep_last)
         print(f"saved checkpoint to {ckpt_path} (iter {iter_num})")
@@ -362,15 +368,17 @@ while True:
         scaler.scale(loss).backward()
         loss_sum += loss.detach()
     scaler.unscale_(optimizer)
-    if ep > 1:  # the experts met all ranks' tokens (all_to_all): their grads, summed over their copies / world
+    max_norm = grad_clip if grad_clip > 0 else math.inf
+    if ep > 1:  # the experts met every rank's tokens (all_to_all): grads summed over their copies, / world
         for p in experts:
             dist.all_reduce(p.grad.div_(world_size), group=dp_group)
         sq = torch.nn.utils.get_total_norm([p.grad for p in experts]) ** 2
-        dist.all_reduce(sq, group=ep_group)  # the norm over every EP rank's share: one norm, one clip everywhere
-        norm = (torch.nn.utils.get_total_norm([p.grad for p in others if p.grad is not None]) ** 2 + sq).sqrt()
-        torch.nn.utils.clip_grads_with_norm_(raw_model.parameters(), grad_clip if grad_clip > 0 else math.inf, norm)
+        dist.all_reduce(sq, group=ep_group)  # over all EP ranks' shares: one norm, one clip on every rank
+        rest = [p.grad for p in raw_model.parameters() if p.dim() < 3]
+        norm = torch.nn.utils.get_total_norm(rest + [sq.sqrt()])
+        torch.nn.utils.clip_grads_with_norm_(raw_model.parameters(), max_norm, norm)
     else:
-        norm = torch.nn.utils.clip_grad_norm_(raw_model.parameters(), grad_clip if grad_clip > 0 else math.inf)
+        norm = torch.nn.utils.clip_grad_norm_(raw_model.parameters(), max_norm)
     if hasattr(norm, "full_tensor"):  # FSDP: a DTensor
         norm = norm.full_tensor()
     finite, maxvio = raw_model.optimizer_step(optimizer, norm)  # a non-finite step is skipped on the device

@@ -268,11 +268,12 @@ def test_ddp_and_fsdp_two_processes_match_one(tmp):
     torchrun(tmp, ep, *common, "--init_from=resume", "--ep=2")
     got, want = step_logs(ep), step_logs(tmp / "out")
     assert sorted(got) == sorted(want)
-    for i in want:
-        for k in ("loss", "grad_norm"):
-            assert got[i][k] == pytest.approx(want[i][k], rel=1e-4, abs=1e-5), (i, k, want[i][k], got[i][k])
-    for x, y in zip(b1, [m.gate.bias for m in load_checkpoint(str(ep / "ckpt.pt"))[0].moe_layers()]):
-        assert torch.allclose(x, y, atol=1e-6)
+    for i in want:  # (AdamW hides a wrong gradient scale from the losses; the grad norm and moments show it)
+        for k, tol in (("loss", 1e-5), ("grad_norm", 1e-6)):
+            assert got[i][k] == pytest.approx(want[i][k], rel=tol), (i, k, want[i][k], got[i][k])
+    a, b = (torch.load(d / "ckpt.pt") for d in (tmp / "out", ep))  # weights, biases and AdamW's moments
+    torch.testing.assert_close(b["model"], a["model"])
+    torch.testing.assert_close(b["optimizer"]["state"], a["optimizer"]["state"])
 
 
 # ---- crash safety ---------------------------------------------------------------------------
@@ -480,9 +481,23 @@ def one_line_error(p, *needles):
     (["--compile=maybe"], ["compile"]),
     (["--moe_impl=loop"], ["moe_impl"]),
     (["--moe_impl=grouped", "--compile=True"], ["moe_impl='grouped'"]),
+    (["--ep=3"], ["ep=3 must divide n_routed_experts=8"]),
+    (["--ep=0"], ["ep=0 must divide n_routed_experts=8"]),
+    (["--ep=2", "--n_routed_experts=0"], ["ep=2 must divide n_routed_experts=0"]),  # (a dense model)
+    (["--ep=2"], ["ep=2 shares the experts out over processes: launch it with torchrun"]),
 ])
 def test_bad_config(tmp, args, needles, monkeypatch):
     one_line_error(run_train_here(tmp, monkeypatch, *args), *needles)
+
+
+@pytest.mark.parametrize("args,needle", [(["--ep=4"], "ep=4 must divide the number of ranks (2)"),
+                                         (["--ep=2", "--fsdp=True"], "ep=2 with fsdp=True is not supported")])
+def test_bad_ep_under_torchrun(tmp, monkeypatch, args, needle):
+    """Refused before the process group starts (which would wait for the other rank): one line."""
+    for k, v in dict(RANK="0", LOCAL_RANK="0", WORLD_SIZE="2").items():
+        monkeypatch.setenv(k, v)
+    one_line_error(run_train_here(tmp, monkeypatch, *args), needle)
+    assert not (tmp / "out").exists()
 
 
 @pytest.mark.parametrize("cc,args,needle", [
