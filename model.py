@@ -273,6 +273,13 @@ class Gate(nn.Module):
         return w * a.route_scale, idx, scores
 
 
+def ep_ranks_per_token(idx, n_routed_experts, ep):
+    """Mean number of EP ranks (each holding n_routed_experts / ep consecutive experts) that the experts
+    idx (N, k) of a token are on: its all_to_all's fan-out. Group-limited routing caps it."""
+    on = torch.zeros(len(idx), ep, device=idx.device).scatter_(1, idx // (n_routed_experts // ep), 1.0)
+    return on.sum(1).mean().item()
+
+
 class ExpertLinear(torch.autograd.Function):
     """Each expert's rows times its weights w (E, out, in), backward written out: rows x (R, in) sorted by
     expert (offs: their ends) via torch._grouped_mm (its CPU backward fails), or tiles x (N, M, in): a bmm."""

@@ -9,7 +9,8 @@ import torch
 import torch.nn.functional as F
 from conftest import ROOT, fake_device, rel, tokens
 
-from model import MLA, DeepSeekV3, Gate, ModelArgs, MoE, apply_rope, pick_device, rope_tables
+from model import (MLA, DeepSeekV3, Gate, ModelArgs, MoE, apply_rope, ep_ranks_per_token, pick_device,
+                   rope_tables)
 
 
 def small(**kw):
@@ -290,6 +291,18 @@ def test_group_limited_routing_stays_in_chosen_groups():
     allowed = torch.zeros(500, 4, dtype=torch.bool).scatter_(1, top_groups, True)
     masked = biased.masked_fill(~allowed.unsqueeze(-1), -1e9).flatten(1)
     assert torch.equal(idx.sort(-1).values, masked.topk(3, dim=-1).indices.sort(-1).values)
+
+
+def test_ep_ranks_per_token_and_the_group_limit():
+    """Expert parallelism's fan-out: how many of ep ranks (16 / ep consecutive experts each) a token's experts
+    are on. Group-limited routing with one group per rank caps it at n_limited_groups; plain top-k does not."""
+    idx = torch.tensor([[0, 1, 2], [0, 1, 5], [4, 8, 12]])  # on 4 ranks: 1, 2 and 3 of them
+    assert ep_ranks_per_token(idx, 16, 4) == pytest.approx(2.0)
+    a = small(n_routed_experts=16, n_expert_groups=4, n_limited_groups=2, n_activated_experts=3)
+    limited, free = Gate(a), Gate(replace(a, n_expert_groups=1, n_limited_groups=1))
+    free.load_state_dict(limited.state_dict())  # the same scores, with and without the group limit
+    x = torch.randn(500, a.n_embd)
+    assert ep_ranks_per_token(limited(x)[1], 16, 4) <= 2 < ep_ranks_per_token(free(x)[1], 16, 4)
 
 
 def test_bias_update_direction_and_counts_cleared():
