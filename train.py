@@ -87,7 +87,6 @@ for bad, why in [  # expert parallelism: each of ep ranks holds n_routed_experts
 gradient_accumulation_steps //= rank_groups
 rows = batch_size // share  # sequences per rank per micro-step
 rank_group, part = rank // share, rank % share  # which micro-steps this rank runs, which slice of them
-ep_rank = rank % ep  # which share of the experts this rank holds (ranks r, r+1, ... r+ep-1 hold them all)
 master = rank == 0
 
 # ---- device, precision and model ------------------------------------------------------------
@@ -212,12 +211,12 @@ if master:
           f"micro-steps x {rows} x {block_size})")
 saved_iter = iter_num  # the checkpoint holds this state (or, from scratch, there is nothing to save)
 mfu_per_tok_s = model.estimate_mfu(1, 989e12 * world_size)  # against H100s' bf16 dense peak (all experts)
-if ep > 1:  # a (dp, ep) mesh: ep ranks hold the experts between them, dp copies of that; gates etc. whole
+if ep > 1:  # a (dp, ep) mesh: ranks k*ep.. k*ep+ep-1 hold the experts between them (rank % ep: which share)
     mesh = init_device_mesh(device_type, (world_size // ep, ep), mesh_dim_names=("dp", "ep"))
     dp_group, ep_group = mesh["dp"].get_group(), mesh["ep"].get_group()
     for m in model.moe_layers():  # the routed experts' 3-D weights, sliced on dim 0
         m.ep_group = ep_group
-        shares = [w.detach().chunk(ep)[ep_rank].clone() for w in (m.w1, m.w3, m.w2)]
+        shares = [w.detach().chunk(ep)[rank % ep].clone() for w in (m.w1, m.w3, m.w2)]
         m.w1, m.w3, m.w2 = map(torch.nn.Parameter, shares)
 experts = [p for p in model.parameters() if ep > 1 and p.dim() == 3]  # (EP's shares: the only 3-D ones)
 model.to(device)
@@ -242,7 +241,7 @@ if fsdp:  # FSDP2: each block (and MTP module) is one unit, gathered for its for
 optimizer = model.configure_optimizers(weight_decay, learning_rate, (beta1, beta2))
 if "optimizer" in ckpt:  # stored unsharded and keyed by parameter name: loads at any world size
     for name, state in ckpt["optimizer"]["state"].items():  # (EP: this rank's share of the experts')
-        state.update({k: v.chunk(ep)[ep_rank] for k, v in state.items() if v.dim() == 3})
+        state.update({k: v.chunk(ep)[rank % ep] for k, v in state.items() if v.dim() == 3})
     dcp.set_optimizer_state_dict(model, optimizer, ckpt["optimizer"],
                                  options=dcp.StateDictOptions(full_state_dict=True))
     for group in optimizer.param_groups:  # an older checkpoint's unfused AdamW loses: the step needs
