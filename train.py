@@ -13,9 +13,9 @@ from dataclasses import asdict, fields
 import numpy as np
 import torch
 import torch.distributed as dist
-import torch.distributed._functional_collectives as funcol
 import torch.distributed.checkpoint.state_dict as dcp
 from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.tensor import DTensor, Shard
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from model import CheckpointError, DeepSeekV3, ModelArgs, load_checkpoint, pick_device, save_checkpoint
@@ -315,8 +315,8 @@ def save():
           "model_args": asdict(raw_model.args), "iter_num": iter_num, "best_val_loss": best_val_loss,
           "config": config, "scaler": scaler.state_dict()}
     for sd in (ck["model"], *ck["optimizer"]["state"].values()) if ep > 1 else ():  # all EP ranks' experts
-        sd.update({k: (funcol.all_gather_tensor(v, 0, ep_group) if v.dim() == 3 else v).to("cpu", copy=True)
-                   for k, v in sd.items()})
+        sd.update({k: (DTensor.from_local(v, mesh["ep"], [Shard(0)]).full_tensor() if v.dim() == 3 else v)
+                   .to("cpu", copy=True) for k, v in sd.items()})
     if master:
         save_checkpoint(ckpt_path, ck, keep_prev=keep_last)
         print(f"saved checkpoint to {ckpt_path} (iter {iter_num})")

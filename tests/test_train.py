@@ -1,4 +1,4 @@
-"""train.py end to end on the CPU: loss falls, exact resume, DDP (gloo, 2 processes) == 1 process,
+"""train.py end to end on the CPU: loss falls, exact resume, DDP/FSDP/EP (gloo, 2 processes) == 1 process,
 crash safety (SIGKILL at random moments, SIGTERM, Ctrl-C in an eval, a second Ctrl-C), out_dir
 safety (no run replaced, nothing written by eval_only), and one clear line for every bad input."""
 import contextlib
@@ -220,9 +220,10 @@ def torchrun(tmp, out, *args, nproc=2):
     return p
 
 
-def test_ddp_and_fsdp_two_processes_match_one(tmp):
+def test_ddp_fsdp_and_ep_match_one_process(tmp):
     """Same global batch on 2 gloo processes: DDP and FSDP2 give the 1-process losses and expert
-    biases; an FSDP checkpoint resumes in a single process (another world size) on the same track."""
+    biases; an FSDP checkpoint resumes in a single process (another world size) on the same track;
+    expert parallelism (4 and 2 ranks) and its checkpoints, to and from one process, the same."""
     if not shutil.which("torchrun", path=os.path.dirname(sys.executable)) and not shutil.which("torchrun"):
         pytest.skip("torchrun not found")
     common = ["--eval_interval=1000", "--max_iters=6", "--lr_decay_iters=6", "--gradient_accumulation_steps=2",
