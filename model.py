@@ -273,13 +273,6 @@ class Gate(nn.Module):
         return w * a.route_scale, idx, scores
 
 
-def ep_ranks_per_token(idx, n_routed_experts, ep):
-    """Mean number of EP ranks (each holding n_routed_experts / ep consecutive experts) that the experts
-    idx (N, k) of a token are on: its all_to_all's fan-out. Group-limited routing caps it."""
-    on = torch.zeros(len(idx), ep, device=idx.device).scatter_(1, idx // (n_routed_experts // ep), 1.0)
-    return on.sum(1).mean().item()
-
-
 class ExpertLinear(torch.autograd.Function):
     """Each expert's rows times its weights w (E, out, in), backward written out: rows x (R, in) sorted by
     expert (offs: their ends) via torch._grouped_mm (its CPU backward fails), or tiles x (N, M, in): a bmm."""
@@ -339,7 +332,7 @@ class MoE(nn.Module):
         E, K = a.n_routed_experts, a.n_activated_experts
         counts = torch.zeros(E, device=x.device, dtype=torch.float32)
         counts.scatter_add_(0, idx.flatten(), torch.ones_like(idx.flatten(), dtype=torch.float32))
-        y = self.run_experts(xf, w, idx, counts)
+        y = self.run_experts(xf, w, idx, counts, self.ep_group)
         if self.shared is not None:
             y = y + self.shared(xf)
         aux = x.new_zeros((), dtype=torch.float32)
@@ -353,7 +346,7 @@ class MoE(nn.Module):
             aux = a.seq_aux_alpha * (f * (E / (K * T)) * P).sum(-1).mean()
         return y.view(B, T, d), counts, aux
 
-    def run_experts(self, x, w, idx, counts):
+    def run_experts(self, x, w, idx, counts, group=None):
         # sort the (token, slot) pairs by expert, run each expert on its contiguous rows, unsort
         K, d = idx.shape[1], x.shape[1]
         order = idx.flatten().argsort(stable=True)   # row r of the sorted batch is slot order[r]
@@ -361,14 +354,13 @@ class MoE(nn.Module):
         dt = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
         xs = Dispatch.apply(x.to(dt), order, inv, K)
         ws = w.flatten()[order].unsqueeze(-1)              # each sorted row's gate weight
-        run = self.local_experts if self.ep_group is None else self.experts_elsewhere
-        ys = run(xs, ws, counts, idx.flatten()[order])
+        ys = (self.local_experts(xs, ws, counts, idx.flatten()[order]) if group is None
+              else self.experts_elsewhere(xs, ws, counts, group))  # (expert parallelism: over group's ranks)
         y = Dispatch.apply(ys, inv, order, 1).view(-1, K, d)            # back to (N, k, d)
         return y.sum(1, dtype=torch.float32).type_as(x)
 
     def local_experts(self, xs, ws, counts, expert):
-        """Rows xs sorted by expert (counts: rows per expert held here; expert: each row's), each row
-        through its expert, scaled by its gate weight ws before the down-projection."""
+        """Rows xs sorted by expert (counts: rows per expert; expert: each row's) through their experts."""
         offs, tiles, dt = counts.cumsum(0).to(torch.int32), None, xs.dtype
         if self.args.moe_impl != "grouped":
             # each expert's rows padded with zeros to whole tiles of M rows, one bmm: N tiles fit any routing
@@ -388,20 +380,16 @@ class MoE(nn.Module):
         ys = ExpertLinear.apply((F.silu(a) * b * ws).to(dt), self.w2.to(dt), offs, tiles)
         return ys if tiles is None else ys.flatten(0, 1).index_select(0, pos)  # (unpadded)
 
-    def experts_elsewhere(self, xs, ws, counts, expert):
-        """Expert parallelism: rows xs sorted by expert (counts: rows per expert, all of them) go to the EP
-        rank that holds their expert, through it there, and come back; autograd runs the trip in reverse."""
+    def experts_elsewhere(self, xs, ws, counts, group):
+        """Rows sorted by expert (so by rank) to the ranks holding their experts, through them, and back."""
         import torch.distributed._functional_collectives as funcol
-        group, n = self.ep_group, self.ep_group.size()
-        send = counts.long().view(n, -1)  # rows for (each EP rank, each of its experts)
+        send = counts.long().view(group.size(), -1)  # rows for (each EP rank, each of its experts)
         recv = funcol.all_to_all_single(send, None, None, group)  # rows from each rank for each expert here
         rows_out, rows_in = send.sum(1).tolist(), recv.sum(1).tolist()  # (the host must know the sizes)
         xs, ws = (funcol.all_to_all_single_autograd(t, rows_in, rows_out, group) for t in (xs, ws))
-        # they arrive grouped by sending rank, then by expert: regroup them by expert for the GEMMs
-        mine = torch.arange(send.shape[1], device=xs.device).repeat(n).repeat_interleave(recv.flatten())
-        order = mine.argsort(stable=True)
-        ys = self.local_experts(xs[order], ws[order], recv.sum(0), mine[order])
-        ys = torch.empty_like(ys).index_copy(0, order, ys)  # (back in the order they came)
+        # they arrive by sending rank, then by expert: run_experts regroups them, as one-expert tokens
+        mine = (torch.arange(recv.numel(), device=xs.device) % send.shape[1]).repeat_interleave(recv.view(-1))
+        ys = self.run_experts(xs, ws, mine[:, None], recv.sum(0))
         return funcol.all_to_all_single_autograd(ys, rows_out, rows_in, group)
 
 

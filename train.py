@@ -17,6 +17,7 @@ import torch.distributed.checkpoint.state_dict as dcp
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.tensor import DTensor, Shard
 from torch.nn.parallel import DistributedDataParallel as DDP
+from torch.nn.utils import clip_grads_with_norm_, get_total_norm
 
 from model import CheckpointError, DeepSeekV3, ModelArgs, load_checkpoint, pick_device, save_checkpoint
 
@@ -76,11 +77,9 @@ if batch_size % share:
         f"evenly over {world_size} ranks: make batch_size divisible by {share}")
 if fsdp and not ddp:
     die("fsdp=True shards the model over processes: launch with torchrun (e.g. --nproc_per_node=2)")
-for bad, why in [  # expert parallelism: each of ep ranks holds n_routed_experts / ep experts
-        (ep < 1 or not n_routed_experts or n_routed_experts % ep,
-         f"must divide n_routed_experts={n_routed_experts}"),
-        (ep > 1 and not ddp, "shares the experts out over processes: launch it with torchrun"),
-        (ep > 1 and world_size % ep, f"must divide the number of ranks ({world_size})"),
+for bad, why in [  # expert parallelism: each of ep ranks holds n_routed_experts / ep experts (dense: ep=1)
+        (ep < 1 or (n_routed_experts or 1) % ep, f"must divide n_routed_experts={n_routed_experts}"),
+        (ep > 1 and world_size % ep, f"must divide the number of torchrun processes ({world_size})"),
         (ep > 1 and fsdp, "with fsdp=True is not supported: shard the experts with one or the other")]:
     if bad:
         die(f"ep={ep} {why}")
@@ -213,9 +212,8 @@ saved_iter = iter_num  # the checkpoint holds this state (or, from scratch, ther
 mfu_per_tok_s = model.estimate_mfu(1, 989e12 * world_size)  # against H100s' bf16 dense peak (all experts)
 if ep > 1:  # a (dp, ep) mesh: ranks k*ep.. k*ep+ep-1 hold the experts between them (rank % ep: which share)
     mesh = init_device_mesh(device_type, (world_size // ep, ep), mesh_dim_names=("dp", "ep"))
-    dp_group, ep_group = mesh["dp"].get_group(), mesh["ep"].get_group()
     for m in model.moe_layers():  # the routed experts' 3-D weights, sliced on dim 0
-        m.ep_group = ep_group
+        m.ep_group = mesh["ep"].get_group()
         shares = [w.detach().chunk(ep)[rank % ep].clone() for w in (m.w1, m.w3, m.w2)]
         m.w1, m.w3, m.w2 = map(torch.nn.Parameter, shares)
 experts = [p for p in model.parameters() if ep > 1 and p.dim() == 3]  # (EP's shares: the only 3-D ones)
@@ -367,17 +365,14 @@ while True:
         scaler.scale(loss).backward()
         loss_sum += loss.detach()
     scaler.unscale_(optimizer)
-    max_norm = grad_clip if grad_clip > 0 else math.inf
+    grads = [p.grad for p in raw_model.parameters() if p.grad is not None and (ep == 1 or p.dim() < 3)]
     if ep > 1:  # the experts met every rank's tokens (all_to_all): grads summed over their copies, / world
         for p in experts:
-            dist.all_reduce(p.grad.div_(world_size), group=dp_group)
-        sq = torch.nn.utils.get_total_norm([p.grad for p in experts]) ** 2
-        dist.all_reduce(sq, group=ep_group)  # over all EP ranks' shares: one norm, one clip on every rank
-        rest = [p.grad for p in raw_model.parameters() if p.dim() < 3]
-        norm = torch.nn.utils.get_total_norm(rest + [sq.sqrt()])
-        torch.nn.utils.clip_grads_with_norm_(raw_model.parameters(), max_norm, norm)
-    else:
-        norm = torch.nn.utils.clip_grad_norm_(raw_model.parameters(), max_norm)
+            dist.all_reduce(p.grad.div_(world_size), group=mesh["dp"].get_group())
+        shares = [DTensor.from_local(p.grad, mesh["ep"], [Shard(0)]) for p in experts]  # (all EP ranks')
+        grads.append(get_total_norm(shares).full_tensor())  # one norm, one clip everywhere
+    norm = get_total_norm(grads)
+    clip_grads_with_norm_(raw_model.parameters(), grad_clip if grad_clip > 0 else math.inf, norm)
     if hasattr(norm, "full_tensor"):  # FSDP: a DTensor
         norm = norm.full_tensor()
     finite, maxvio = raw_model.optimizer_step(optimizer, norm)  # a non-finite step is skipped on the device

@@ -9,8 +9,7 @@ import torch
 import torch.nn.functional as F
 from conftest import ROOT, fake_device, rel, tokens
 
-from model import (MLA, DeepSeekV3, Gate, ModelArgs, MoE, apply_rope, ep_ranks_per_token, pick_device,
-                   rope_tables)
+from model import MLA, DeepSeekV3, Gate, ModelArgs, MoE, apply_rope, pick_device, rope_tables
 
 
 def small(**kw):
@@ -185,7 +184,7 @@ def moe_grads(a, impl, x):
     torch.manual_seed(3)
     moe = MoE(replace(a, moe_impl=impl or "auto"))
     if impl is None:
-        moe.run_experts = lambda xf, w, idx, counts: experts_by_hand(moe, xf, w, idx)
+        moe.run_experts = lambda xf, w, idx, counts, group: experts_by_hand(moe, xf, w, idx)
     with torch.no_grad():
         for p in (moe.w1, moe.w3, moe.w2, moe.gate.weight):
             p.normal_(0, 0.2)
@@ -296,6 +295,9 @@ def test_group_limited_routing_stays_in_chosen_groups():
 def test_ep_ranks_per_token_and_the_group_limit():
     """Expert parallelism's fan-out: how many of ep ranks (16 / ep consecutive experts each) a token's experts
     are on. Group-limited routing with one group per rank caps it at n_limited_groups; plain top-k does not."""
+    def ep_ranks_per_token(idx, n_routed_experts, ep):  # (the mean over the tokens idx (N, k))
+        on = torch.zeros(len(idx), ep).scatter_(1, idx // (n_routed_experts // ep), 1.0)
+        return on.sum(1).mean().item()
     idx = torch.tensor([[0, 1, 2], [0, 1, 5], [4, 8, 12]])  # on 4 ranks: 1, 2 and 3 of them
     assert ep_ranks_per_token(idx, 16, 4) == pytest.approx(2.0)
     a = small(n_routed_experts=16, n_expert_groups=4, n_limited_groups=2, n_activated_experts=3)

@@ -485,14 +485,21 @@ def one_line_error(p, *needles):
     (["--ep=3"], ["ep=3 must divide n_routed_experts=8"]),
     (["--ep=0"], ["ep=0 must divide n_routed_experts=8"]),
     (["--ep=2", "--n_routed_experts=0"], ["ep=2 must divide n_routed_experts=0"]),  # (a dense model)
-    (["--ep=2"], ["ep=2 shares the experts out over processes: launch it with torchrun"]),
+    (["--ep=2"], ["ep=2 must divide the number of torchrun processes (1)"]),
 ])
 def test_bad_config(tmp, args, needles, monkeypatch):
     one_line_error(run_train_here(tmp, monkeypatch, *args), *needles)
 
 
-@pytest.mark.parametrize("args,needle", [(["--ep=4"], "ep=4 must divide the number of ranks (2)"),
-                                         (["--ep=2", "--fsdp=True"], "ep=2 with fsdp=True is not supported")])
+def test_a_dense_model_runs_at_the_default_ep(tmp, monkeypatch):
+    """A dense model (n_routed_experts=0, the dense twin) has no experts to share out: ep=1 is no error."""
+    p = run_train_here(tmp, monkeypatch, "--n_routed_experts=0", "--eval_only=True")
+    assert p.returncode == 0 and "iter 0: eval ce train" in p.stdout, p.stderr
+
+
+@pytest.mark.parametrize("args,needle", [
+    (["--ep=4"], "ep=4 must divide the number of torchrun processes (2)"),
+    (["--ep=2", "--fsdp=True"], "ep=2 with fsdp=True is not supported")])
 def test_bad_ep_under_torchrun(tmp, monkeypatch, args, needle):
     """Refused before the process group starts (which would wait for the other rank): one line."""
     for k, v in dict(RANK="0", LOCAL_RANK="0", WORLD_SIZE="2").items():
