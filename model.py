@@ -321,7 +321,7 @@ class MoE(nn.Module):
         self.shared = MLP(d, args.n_shared_experts * h) if args.n_shared_experts > 0 else None
         # tokens routed to each expert since the last update_expert_bias(); cleared every step, so not saved
         self.register_buffer("tokens_per_expert", torch.zeros(E, dtype=torch.float32), persistent=False)
-        self.ep_group = None  # expert parallelism: the ranks holding the experts between them (train.py)
+        self.ep_group = None  # expert parallelism: the ranks holding the experts between them (parallel.py)
 
     def forward(self, x):
         """x: (B, T, d) -> (y, counts (E,), seq_aux_loss scalar)."""
@@ -354,43 +354,29 @@ class MoE(nn.Module):
         dt = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
         xs = Dispatch.apply(x.to(dt), order, inv, K)
         ws = w.flatten()[order].unsqueeze(-1)              # each sorted row's gate weight
-        ys = (self.local_experts(xs, ws, counts, idx.flatten()[order]) if group is None
-              else self.experts_elsewhere(xs, ws, counts, group))  # (expert parallelism: over group's ranks)
-        y = Dispatch.apply(ys, inv, order, 1).view(-1, K, d)            # back to (N, k, d)
-        return y.sum(1, dtype=torch.float32).type_as(x)
-
-    def local_experts(self, xs, ws, counts, expert):
-        """Rows xs sorted by expert (counts: rows per expert; expert: each row's) through their experts."""
-        offs, tiles, dt = counts.cumsum(0).to(torch.int32), None, xs.dtype
-        if self.args.moe_impl != "grouped":
-            # each expert's rows padded with zeros to whole tiles of M rows, one bmm: N tiles fit any routing
-            # (static shapes, no host sync, no token dropped); M = rows / 4E pads about a quarter more rows
-            E, (rows, d), c = counts.numel(), xs.shape, counts.long()
-            M = max(-(-rows // (4 * E)), 1)
-            n = (c + M - 1) // M  # tiles per expert
-            N, ends = (rows + min(E, rows) * (M - 1)) // M, n.cumsum(0)  # N >= sum(n), whatever the counts
-            tiles = torch.searchsorted(ends, torch.arange(N, device=xs.device), right=True).clamp_(max=E - 1)
-            # sorted row r of expert e goes to r - (e's first sorted row) + M * (e's first tile)
-            pos = torch.arange(rows, device=xs.device) + ((ends - n) * M - offs + c)[expert]
-            xs = xs.new_zeros(N * M, d).index_copy(0, pos, xs).view(N, M, d)
-            ws = ws.new_zeros(N * M, 1).index_copy(0, pos, ws).view(N, M, 1)
-        w13 = torch.cat([self.w1, self.w3], dim=1).to(dt)  # both input projections in one GEMM
-        a, b = ExpertLinear.apply(xs, w13, offs, tiles).chunk(2, dim=-1)
-        # scale by the gate weight before the down-projection: W2(g h) = g W2(h), on fewer dims
-        ys = ExpertLinear.apply((F.silu(a) * b * ws).to(dt), self.w2.to(dt), offs, tiles)
-        return ys if tiles is None else ys.flatten(0, 1).index_select(0, pos)  # (unpadded)
-
-    def experts_elsewhere(self, xs, ws, counts, group):
-        """Rows sorted by expert (so by rank) to the ranks holding their experts, through them, and back."""
-        import torch.distributed._functional_collectives as funcol
-        send = counts.long().view(group.size(), -1)  # rows for (each EP rank, each of its experts)
-        recv = funcol.all_to_all_single(send, None, None, group)  # rows from each rank for each expert here
-        rows_out, rows_in = send.sum(1).tolist(), recv.sum(1).tolist()  # (the host must know the sizes)
-        xs, ws = (funcol.all_to_all_single_autograd(t, rows_in, rows_out, group) for t in (xs, ws))
-        # they arrive by sending rank, then by expert: run_experts regroups them, as one-expert tokens
-        mine = (torch.arange(recv.numel(), device=xs.device) % send.shape[1]).repeat_interleave(recv.view(-1))
-        ys = self.run_experts(xs, ws, mine[:, None], recv.sum(0))
-        return funcol.all_to_all_single_autograd(ys, rows_out, rows_in, group)
+        if group is not None:  # expert parallelism: the experts are on group's ranks (parallel.py, imported
+            from parallel import experts_elsewhere  # here: one process never needs torch.distributed)
+            ys = experts_elsewhere(self, xs, ws, counts, group)
+        else:
+            offs, tiles = counts.cumsum(0).to(torch.int32), None
+            if self.args.moe_impl != "grouped":
+                # each expert's rows zero-padded to whole tiles of M rows, one bmm: N tiles fit any routing
+                # (static shapes, no host sync, no token dropped); M = rows / 4E pads ~a quarter more rows
+                E, rows, c = counts.numel(), order.numel(), counts.long()
+                M = max(-(-rows // (4 * E)), 1)  # (at least 1: an EP rank may get no rows)
+                n = (c + M - 1) // M  # tiles per expert
+                N, ends = (rows + min(E, rows) * (M - 1)) // M, n.cumsum(0)  # N >= sum(n) for any counts
+                tiles = torch.searchsorted(ends, torch.arange(N, device=x.device), right=True).clamp(0, E - 1)
+                # sorted row r of expert e goes to r - (e's first sorted row) + M * (e's first tile)
+                pos = torch.arange(rows, device=x.device) + ((ends - n) * M - offs + c)[idx.flatten()[order]]
+                xs = xs.new_zeros(N * M, d).index_copy(0, pos, xs).view(N, M, d)
+                ws = ws.new_zeros(N * M, 1).index_copy(0, pos, ws).view(N, M, 1)
+            w13 = torch.cat([self.w1, self.w3], dim=1).to(dt)  # both input projections in one GEMM
+            a, b = ExpertLinear.apply(xs, w13, offs, tiles).chunk(2, dim=-1)
+            # scale by the gate weight before the down-projection: W2(g h) = g W2(h), on fewer dims
+            ys = ExpertLinear.apply((F.silu(a) * b * ws).to(dt), self.w2.to(dt), offs, tiles)
+            ys = ys if tiles is None else ys.flatten(0, 1).index_select(0, pos)  # (unpadded)
+        return Dispatch.apply(ys, inv, order, 1).view(-1, K, d).sum(1, dtype=torch.float32).type_as(x)
 
 
 # ---- blocks, MTP and the model -------------------------------------------------------------------
@@ -599,10 +585,6 @@ class DeepSeekV3(nn.Module):
         matmul += mtp + a.mtp_depth * self.head.weight.numel()  # each MTP module runs the head again
         attn = 6 * (a.n_layer + a.mtp_depth) * (T or a.block_size) * a.n_head * (a.qk_head_dim + a.v_head_dim)
         return 6 * matmul + attn
-
-    def estimate_mfu(self, tokens_per_s, peak_flops=989e12, T=None):
-        """Training's MFU at tokens_per_s on T-token sequences against peak_flops (H100 bf16 dense x GPUs)."""
-        return self.estimate_flops_per_token(T) * tokens_per_s / peak_flops
 
     @torch.no_grad()
     def optimizer_step(self, optimizer, grad_norm):

@@ -13,12 +13,9 @@ from dataclasses import asdict, fields
 import numpy as np
 import torch
 import torch.distributed as dist
-import torch.distributed.checkpoint.state_dict as dcp
-from torch.distributed.device_mesh import init_device_mesh
-from torch.distributed.tensor import DTensor, Shard
 from torch.nn.parallel import DistributedDataParallel as DDP
-from torch.nn.utils import clip_grads_with_norm_, get_total_norm
 
+import parallel
 from model import CheckpointError, DeepSeekV3, ModelArgs, load_checkpoint, pick_device, save_checkpoint
 
 # -----------------------------------------------------------------------------
@@ -77,12 +74,6 @@ if batch_size % share:
         f"evenly over {world_size} ranks: make batch_size divisible by {share}")
 if fsdp and not ddp:
     die("fsdp=True shards the model over processes: launch with torchrun (e.g. --nproc_per_node=2)")
-for bad, why in [  # expert parallelism: each of ep ranks holds n_routed_experts / ep experts (dense: ep=1)
-        (ep < 1 or (n_routed_experts or 1) % ep, f"must divide n_routed_experts={n_routed_experts}"),
-        (ep > 1 and world_size % ep, f"must divide the number of torchrun processes ({world_size})"),
-        (ep > 1 and fsdp, "with fsdp=True is not supported: shard the experts with one or the other")]:
-    if bad:
-        die(f"ep={ep} {why}")
 gradient_accumulation_steps //= rank_groups
 rows = batch_size // share  # sequences per rank per micro-step
 rank_group, part = rank // share, rank % share  # which micro-steps this rank runs, which slice of them
@@ -100,6 +91,8 @@ if ddp and device_type == "cuda":
     torch.cuda.set_device(device)
 if fsdp and dtype == "float16":
     die("fsdp=True with dtype='float16': its grad scaler would need the shards' overflows; use bfloat16")
+if why := parallel.ep_error(ep, n_routed_experts, world_size, fsdp, dtype):
+    die(why)
 torch.manual_seed(seed)  # the same initial weights on every rank (FSDP shards them as they are)
 torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
 ctx = torch.autocast(device_type, dtype=getattr(torch, dtype), enabled=dtype != "float32")
@@ -209,14 +202,8 @@ if master:
     print(f"tokens per iteration: {tokens_per_iter:,} ({world_size} rank(s) x {gradient_accumulation_steps} "
           f"micro-steps x {rows} x {block_size})")
 saved_iter = iter_num  # the checkpoint holds this state (or, from scratch, there is nothing to save)
-mfu_per_tok_s = model.estimate_mfu(1, 989e12 * world_size)  # against H100s' bf16 dense peak (all experts)
-if ep > 1:  # a (dp, ep) mesh: ranks k*ep.. k*ep+ep-1 hold the experts between them (rank % ep: which share)
-    mesh = init_device_mesh(device_type, (world_size // ep, ep), mesh_dim_names=("dp", "ep"))
-    for m in model.moe_layers():  # the routed experts' 3-D weights, sliced on dim 0
-        m.ep_group = mesh["ep"].get_group()
-        shares = [w.detach().chunk(ep)[rank % ep].clone() for w in (m.w1, m.w3, m.w2)]
-        m.w1, m.w3, m.w2 = map(torch.nn.Parameter, shares)
-experts = [p for p in model.parameters() if ep > 1 and p.dim() == 3]  # (EP's shares: the only 3-D ones)
+flops_per_token = model.estimate_flops_per_token()  # (of all the experts: before EP shares them out)
+mesh = parallel.shard_experts(model, ep, device_type)  # expert parallelism: this rank's share (None: ep=1)
 model.to(device)
 model.use_checkpointing = use_checkpointing
 if use_liger:
@@ -238,10 +225,7 @@ if fsdp:  # FSDP2: each block (and MTP module) is one unit, gathered for its for
     fully_shard(model, mp_policy=mp)
 optimizer = model.configure_optimizers(weight_decay, learning_rate, (beta1, beta2))
 if "optimizer" in ckpt:  # stored unsharded and keyed by parameter name: loads at any world size
-    for name, state in ckpt["optimizer"]["state"].items():  # (EP: this rank's share of the experts')
-        state.update({k: v.chunk(ep)[rank % ep] for k, v in state.items() if v.dim() == 3})
-    dcp.set_optimizer_state_dict(model, optimizer, ckpt["optimizer"],
-                                 options=dcp.StateDictOptions(full_state_dict=True))
+    parallel.load_optimizer_state(model, optimizer, ckpt["optimizer"], mesh)  # (FSDP, EP: their shards)
     for group in optimizer.param_groups:  # an older checkpoint's unfused AdamW loses: the step needs
         group["fused"], group["foreach"] = True, None  # fused AdamW's found_inf to skip a bad step
 elif master and init_from == "resume":
@@ -253,8 +237,7 @@ if compile and not fsdp:  # one CUDA process replays it as CUDA graphs: one-by-o
     graphs = device_type == "cuda" and not ddp
     model = torch.compile(model, dynamic=False, mode="reduce-overhead" if graphs else None)
 if ddp and not fsdp:  # biases: all-reduced, not broadcast; big buckets: each boundary splits a compiled graph
-    ignore = [n for n, p in model.named_parameters() if ep > 1 and p.dim() == 3]  # (EP's experts: the loop's)
-    DDP._set_params_and_buffers_to_ignore_for_model(model, ignore)
+    DDP._set_params_and_buffers_to_ignore_for_model(model, parallel.ddp_ignores(model, mesh))
     model = DDP(model, device_ids=[local_rank] if device_type == "cuda" else None, broadcast_buffers=False,
                 bucket_cap_mb=100, gradient_as_bucket_view=True)
 
@@ -307,14 +290,8 @@ def get_lr(it):
 
 def save():
     """Every rank calls it (FSDP, EP gather the shards), rank 0 writes it, unsharded; -> the step it holds."""
-    opts = dcp.StateDictOptions(full_state_dict=True, cpu_offload=ep == 1)  # (EP: state dicts on every rank)
-    ck = {"model": dcp.get_model_state_dict(raw_model, options=opts),
-          "optimizer": dcp.get_optimizer_state_dict(raw_model, optimizer, options=opts),
-          "model_args": asdict(raw_model.args), "iter_num": iter_num, "best_val_loss": best_val_loss,
-          "config": config, "scaler": scaler.state_dict()}
-    for sd in (ck["model"], *ck["optimizer"]["state"].values()) if ep > 1 else ():  # all EP ranks' experts
-        sd.update({k: (DTensor.from_local(v, mesh["ep"], [Shard(0)]).full_tensor() if v.dim() == 3 else v)
-                   .to("cpu", copy=True) for k, v in sd.items()})
+    ck = dict(parallel.full_state_dicts(raw_model, optimizer, mesh), model_args=asdict(raw_model.args),
+              iter_num=iter_num, best_val_loss=best_val_loss, config=config, scaler=scaler.state_dict())
     if master:
         save_checkpoint(ckpt_path, ck, keep_prev=keep_last)
         print(f"saved checkpoint to {ckpt_path} (iter {iter_num})")
@@ -365,16 +342,7 @@ while True:
         scaler.scale(loss).backward()
         loss_sum += loss.detach()
     scaler.unscale_(optimizer)
-    grads = [p.grad for p in raw_model.parameters() if p.grad is not None and (ep == 1 or p.dim() < 3)]
-    if ep > 1:  # the experts met every rank's tokens (all_to_all): grads summed over their copies, / world
-        for p in experts:
-            dist.all_reduce(p.grad.div_(world_size), group=mesh["dp"].get_group())
-        shares = [DTensor.from_local(p.grad, mesh["ep"], [Shard(0)]) for p in experts]  # (all EP ranks')
-        grads.append(get_total_norm(shares).full_tensor())  # one norm, one clip everywhere
-    norm = get_total_norm(grads)
-    clip_grads_with_norm_(raw_model.parameters(), grad_clip if grad_clip > 0 else math.inf, norm)
-    if hasattr(norm, "full_tensor"):  # FSDP: a DTensor
-        norm = norm.full_tensor()
+    norm = parallel.clip_grad_norm_(raw_model, grad_clip if grad_clip > 0 else math.inf, mesh)
     finite, maxvio = raw_model.optimizer_step(optimizer, norm)  # a non-finite step is skipped on the device
     scaler.update()  # (fp16: a lower scale after an overflow)
     optimizer.zero_grad(set_to_none=True)
@@ -390,7 +358,7 @@ while True:
             dist.all_reduce(loss_sum, op=dist.ReduceOp.AVG)
         if master:
             lossf, tok_s, gn = loss_sum.item(), tokens_per_iter / dt, norm.item()
-            mfu = mfu_per_tok_s * tok_s
+            mfu = flops_per_token * tok_s / (989e12 * world_size)  # against H100s' bf16 dense peak
             mv = maxvio.item() if maxvio is not None and finite.item() else float("nan")
             print(f"iter {iter_num}: loss {lossf:.4f} ({loss_terms}), lr {lr:.2e}, time {dt * 1000:.0f}ms, "
                   f"{tok_s:,.0f} tok/s, mfu {f'{mfu:.1%}' if device_type == 'cuda' else 'n/a'}, "

@@ -513,6 +513,7 @@ def test_bad_ep_under_torchrun(tmp, monkeypatch, args, needle):
     ((7, 5), ["--dtype=bfloat16"], "dtype='bfloat16' needs a GPU of compute capability 8+: GPU75 (sm75)"),
     ((7, 5), ["--moe_impl=grouped"], "moe_impl='grouped'"),  # (fp16 here)
     ((8, 6), ["--dtype=float16", "--fsdp=True"], "fsdp=True with dtype='float16'"),
+    ((8, 6), ["--dtype=float16", "--ep=2"], "ep=2 with dtype='float16' is not supported: use bfloat16"),
 ])
 def test_what_the_gpu_cannot_run_is_one_line(tmp, monkeypatch, cc, args, needle):
     """On a (faked) GPU, refused before anything touches it: one line, nothing written."""
