@@ -63,7 +63,7 @@ class ModelArgs:
     mscale: float = 1.0             # YaRN: softmax scale *= (0.1 * mscale * ln(factor) + 1)^2
     norm_eps: float = 1e-6          # RMSNorm epsilon (DeepSeek's value)
     # --- implementation choices (not architecture) ---
-    moe_impl: str = "auto"          # 'grouped' (torch._grouped_mm), 'padded' (any device), 'auto' (by GPU)
+    moe_impl: str = "auto"          # 'grouped' or 'padded'; 'auto' = padded unless pick_device resolves it
 
     # knobs that change how the model trains, not the function it computes (train.py's resume may change them)
     TRAINING_ONLY = ("dropout", "bias_update_speed", "seq_aux_alpha", "noisy_topk", "noise_std", "mtp_lambda",
