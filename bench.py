@@ -114,12 +114,12 @@ def bench_step(name, args, liger=False):
     if device_type == "cuda":
         torch.cuda.reset_peak_memory_stats()
     ms = timeit(step)
-    tok_s = B * T / (ms / 1000)
-    r = {"ms": ms, "tok_s": tok_s, "flops_per_token": model.estimate_flops_per_token(T),
-         "mfu": model.estimate_flops_per_token(T) * tok_s / peak_flops, "params": model.get_num_params(),
+    tok_s, fpt = B * T / (ms / 1000), model.estimate_flops_per_token(T)
+    r = {"ms": ms, "tok_s": tok_s, "flops_per_token": fpt, "mfu": fpt * tok_s / peak_flops,
+         "params": model.get_num_params(),
          "peak_mem_gb": torch.cuda.max_memory_allocated() / 1e9 if device_type == "cuda" else None}
     if results.get("matmul_peak"):
-        r["mfu_vs_matmul"] = r["flops_per_token"] * tok_s / results["matmul_peak"]
+        r["mfu_vs_matmul"] = fpt * tok_s / results["matmul_peak"]
     results[name] = r
     print(f"{name}: {ms:.1f} ms/step, {tok_s:,.0f} tok/s, MFU {r['mfu'] * 100:.1f}%"
           + (f", peak mem {r['peak_mem_gb']:.1f} GB" if r["peak_mem_gb"] else ""), flush=True)
