@@ -20,7 +20,7 @@ import re
 import signal
 import sys
 from contextlib import nullcontext
-from multiprocessing import Pool
+from multiprocessing import get_context
 from pathlib import Path
 
 import numpy as np
@@ -30,7 +30,7 @@ HF_DATASET = "roneneldan/TinyStories"
 CHUNK = 1024  # stories per worker task: amortizes inter-process overhead, keeps the bar moving
 VAL_TOKENS = 64 * 512  # a held-out val split holds a batch of config/tinystories_16x4.py (train.py needs one)
 MIN_TOKENS = 8 * 64  # and leaves no split smaller than a batch of config/tinystories_debug.py
-_enc = None  # the GPT-2 encoding, set in the parent by load (forked workers inherit it)
+_enc = None  # the GPT-2 encoding, set in the parent by load (a spawned worker loads its own)
 
 
 class PrepareError(Exception):
@@ -150,7 +150,7 @@ def load_encoding():  # tiktoken's GPT-2 encoding, for prepare.py, sample.py and
 
 def tokenize(texts, instruct=False):
     """Token ids of each story (after its prompt, with instruct) and <|endoftext|>; the loss mask; lengths."""
-    enc = _enc or load_encoding()  # None in a worker spawned rather than forked (tiktoken caches it)
+    enc = _enc or load_encoding()  # None in a (spawned) worker: tiktoken caches it
     if instruct:
         from rl import to_example
     pairs = filter(None, (to_example(t) if instruct else ("", t) for t in map(str.strip, texts) if t))
@@ -202,10 +202,11 @@ def hold_out(tmp, lengths, fraction):
 def write_all(args, tmp):
     """Tokenizes the data into tmp's files, meta.json last; returns what meta.json says."""
     splits, info = load(args)
-    # a pool pays off past one chunk; its workers ignore Ctrl-C (dying of it, they would hang the parent)
+    # a pool pays off past one chunk; its workers ignore Ctrl-C (dying of it, they would hang the parent) and
+    # are spawned: a child forked from a process with threads (tqdm's, torch's) can deadlock on a copied lock
     use_pool = args.num_proc > 1 and max(map(len, splits.values())) > CHUNK
-    with Pool(args.num_proc, signal.signal, (signal.SIGINT, signal.SIG_IGN)) if use_pool else \
-            nullcontext() as pool:
+    ignore_int = (signal.SIGINT, signal.SIG_IGN)
+    with get_context("spawn").Pool(args.num_proc, signal.signal, ignore_int) if use_pool else nullcontext() as pool:
         lengths = {split: write_split(tmp, split, xs, pool) for split, xs in splits.items() if len(xs)}
     if "val" not in lengths:
         info["val_from"] = hold_out(tmp, lengths, args.val_fraction)

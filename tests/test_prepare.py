@@ -1,7 +1,6 @@
 """Tests for prepare.py: every local input format round-trips, val splits, atomic writes, clean errors."""
 import errno
 import json
-import multiprocessing
 import os
 import runpy
 import signal
@@ -216,8 +215,6 @@ def test_worker_pool_gives_the_same_bytes(tmp_path, capsys, enc, monkeypatch):
     t = write(tmp_path / "s.txt", "txt_eot", stories)
     assert run(capsys, "--input", t, "--out_dir", tmp_path / "one", "--num_proc", 1)[0] == 0
     monkeypatch.setattr(prepare, "CHUNK", 3)  # many chunks, so the Pool path really runs
-    # spawned workers: a fork of this process (torch's threads running) can hang on a copied lock
-    monkeypatch.setattr(prepare, "Pool", multiprocessing.get_context("spawn").Pool)
     assert run(capsys, "--input", t, "--out_dir", tmp_path / "two", "--num_proc", 2)[0] == 0
     for name in ("train.bin", "val.bin", "meta.json"):
         assert (tmp_path / "one" / name).read_bytes() == (tmp_path / "two" / name).read_bytes()
@@ -468,7 +465,7 @@ def test_output_into_a_pipe_closed_early(tmp_path, enc, unbuffered):
 def test_ctrl_c_while_workers_tokenize(tmp_path):
     """Ctrl-C goes to the whole process group: workers died of it, leaving the parent waiting forever."""
     t, marker = write(tmp_path / "train.txt", "txt_blank", TRAIN * 50), tmp_path / "tokenizing"
-    script = f"""if True:
+    script = f"""if True:  # (the spawned workers run this file too, as __mp_main__: they get the slow encoder)
         import pathlib, signal, sys, time
         signal.signal(signal.SIGINT, signal.default_int_handler)  # not inherited as ignored
         sys.path.insert(0, {str(REPO)!r})
@@ -482,10 +479,12 @@ def test_ctrl_c_while_workers_tokenize(tmp_path):
                 time.sleep(0.05)
                 return [1] * 300
         prepare.load_encoding, prepare.CHUNK = SlowEnc, 2
-        sys.exit(prepare.main(["--input", {str(t)!r}, "--out_dir", {str(tmp_path / "o")!r}, "--num_proc=2"]))
+        if __name__ == "__main__":
+            sys.exit(prepare.main(["--input", {str(t)!r}, "--out_dir", {str(tmp_path / "o")!r}, "--num_proc=2"]))
     """
-    p = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                         text=True, start_new_session=True)
+    (tmp_path / "run.py").write_text(script)
+    p = subprocess.Popen([sys.executable, str(tmp_path / "run.py")], stdout=subprocess.PIPE,
+                         stderr=subprocess.PIPE, text=True, start_new_session=True)
     try:
         deadline = time.time() + 60
         while not marker.exists() and p.poll() is None and time.time() < deadline:
