@@ -135,8 +135,8 @@ def bench_step(name, args, liger=False):
             f.write(prof.key_averages().table(sort_by="cuda_time_total", row_limit=60,
                                               max_name_column_width=90))
     if breakdown:
-        parts = results[f"{name}_breakdown"] = part_timings(prof, model.args)
-        parts["unattributed: gaps, copies, graphed GEMMs"] = max(0.0, ms - sum(parts.values()))
+        parts = results[f"{name}_breakdown"] = part_timings(prof)
+        parts["GPU idle (between kernels)"] = max(0.0, ms - sum(parts.values()))
         print(f"  the {ms:.1f} ms step by part (kernel times from a profile):")
         for k, v in parts.items():
             print(f"    {k:<66s} {v:7.2f} ms  {100 * v / ms:5.1f}%")
@@ -147,40 +147,28 @@ def matmul_peak(n=8192):
     return 2 * n ** 3 / (timeit(lambda: a @ b, n=20, w=5) / 1000)
 
 
-def part_timings(prof, a):
-    """Where the GPU time of 3 profiled steps goes, per step: GEMMs and attention are attributed by the
-    aten op that launched them (and its shapes), the fused Triton kernels by name."""
-    dense_dims = {a.inter_dim, 2 * a.inter_dim}
-    shared_dims = {a.n_shared_experts * a.moe_inter_dim, 2 * a.n_shared_experts * a.moe_inter_dim}
+# the parts of a step, by what their kernels' names contain (lower case): the first part that matches wins
+PARTS = [("attention core (SDPA: cuDNN, flash)", ("sdpa", "flash", "fmha", "cudnn")),
+         ("routed experts (grouped_mm: CUTLASS)", ("enable_3x_kernel_for_sm9x", "groupproblemshape")),
+         ("cross-entropy (fused Triton)", ("log_softmax",)),
+         ("elementwise: norms, RoPE, SiLU, dispatch/combine, casts (Triton)", ("triton",)),
+         ("GEMMs: head, projections, dense and shared MLPs (cuBLAS)", ("nvjet", "gemm", "cutlass", "xmma")),
+         ("router: top-k and sort", ("topk", "sort")),
+         ("optimizer and clipping (multi-tensor)", ("adam", "multi_tensor")),
+         ("copies and fills", ("memcpy", "memset", "fill", "copy"))]
+
+
+def part_timings(prof):
+    """Where the GPU time of 3 profiled steps goes, per step, by kernel name: kernels replayed from a CUDA
+    graph have no launching op to attribute them by. -> {part: ms}, largest first."""
     parts = {}
     for e in prof.events():
-        if e.device_type.name == "CPU" and e.kernels and e.name.startswith("aten::"):
-            dims = {d for s in (e.input_shapes or []) for d in (s or [])}
-            if "attention" in e.name or "sdpa" in e.name:
-                k = "attention core (SDPA)"
-            elif e.name == "aten::_grouped_mm":
-                k = "routed experts (grouped_mm)"
-            elif e.name in ("aten::mm", "aten::addmm", "aten::bmm", "aten::linear", "aten::matmul"):
-                k = ("output head (GEMMs)" if a.vocab_size in dims else
-                     "router GEMM" if a.n_routed_experts and a.n_routed_experts in dims else
-                     "dense MLP GEMMs" if dims & dense_dims else
-                     "shared expert GEMMs" if a.n_routed_experts and dims & shared_dims else
-                     "attention + MTP projections (GEMMs)")
-            elif "sort" in e.name or "topk" in e.name:
-                k = "router: top-k and sort"
-            elif "adam" in e.name or "foreach" in e.name:
-                k = "optimizer"
-            else:
-                continue
-            us = sum(kern.duration for kern in e.kernels)
-        elif e.device_type.name == "CUDA" and e.name.startswith("triton"):
-            # inductor's fused kernels: launched from compiled code, not by an aten op
-            k = ("cross-entropy (fused Triton)" if "log_softmax" in e.name else
-                 "elementwise: norms, RoPE, SiLU, dispatch/combine, casts (Triton)")
-            us = e.device_time_total if hasattr(e, "device_time_total") else e.cuda_time_total
-        else:
+        annotation = getattr(e, "is_user_annotation", False) or e.name.startswith("## ")  # spans kernels
+        if e.device_type.name != "CUDA" or annotation:  # (e.g. '## Call CompiledFxGraph ... ##')
             continue
-        parts[k] = parts.get(k, 0.0) + us / 3000.0  # us over 3 steps -> ms per step
+        name = e.name.lower()
+        k = next((part for part, keys in PARTS if any(key in name for key in keys)), "other kernels")
+        parts[k] = parts.get(k, 0.0) + e.time_range.elapsed_us() / 3000.0  # us over 3 steps -> ms per step
     return dict(sorted(parts.items(), key=lambda kv: -kv[1]))
 
 

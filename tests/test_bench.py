@@ -6,6 +6,7 @@ import runpy
 import sys
 import traceback
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -76,3 +77,38 @@ def test_bench_times_the_step_train_py_takes(tmp_path, monkeypatch, fp16):
     ours, theirs = model.state_dict(), t["raw_model"].state_dict()
     assert ours.keys() == theirs.keys()
     assert [k for k in ours if not torch.equal(ours[k], theirs[k])] == []
+
+
+def test_the_step_breakdown_attributes_kernels_by_name(monkeypatch):
+    """The profile's kernels, by their names (on an H200 under CUDA graphs: no launching op to go by), land
+    in their parts, once each; annotations that span kernels and CPU events count for nothing."""
+    monkeypatch.chdir(REPO)
+    monkeypatch.setattr(sys, "argv", ["bench.py", *SMALL])
+    part_timings = runpy.run_path(str(REPO / "bench.py"), run_name="bench")["part_timings"]
+
+    def ev(name, us, device="CUDA", annotation=False):
+        return SimpleNamespace(name=name, device_type=SimpleNamespace(name=device), is_user_annotation=annotation,
+                               time_range=SimpleNamespace(elapsed_us=lambda: us))
+    kernels = {  # names seen on an H200 (torch 2.11), GPU microseconds over 3 steps
+        "nvjet_sm90_tst_256x128_64x4_1x2_h_bz_coopA_NNT": 3000, "sm90_xmma_gemm_bf16bf16_bf16f32": 300,
+        "_ZN7cutlass13device_kernelIN2at4cuda6detail25enable_3x_kernel_for_sm9xINS_4gemm6kernel1": 1500,
+        "cudnn_generated_fort_native_sdpa_sm90_flash_bprop_wgmma_f16_knob_26": 600,
+        "void cudnn::fusion::compute_dot_do_o_specialized<true, 64>": 30,
+        "triton_red_fused__log_softmax__log_softmax_backward_data__to_copy_add": 900,
+        "triton_poi_fused__to_copy_cat_index_mul_silu_silu_backward_split_55": 1200,
+        "void at::native::sbtopk::gatherTopK<float, unsigned int, 2, false>": 60,
+        "void at_cuda_detail::cub::detail::radix_sort::DeviceRadixSortOnesweepKernel": 30,
+        "void at::native::multi_tensor_apply_kernel<FusedAdamMathFunctor>": 90,
+        "Memcpy DtoD (Device -> Device)": 150, "void at::native::vectorized_elementwise_kernel<FillFunctor>": 3,
+        "void at::native::reduce_kernel<128, 4, ReduceOp<float>>": 6}
+    events = [ev(n, us) for n, us in kernels.items()] + [
+        ev("## Call CompiledFxGraph fbjugpved4yicqic ##", 99_000),  # spans the graph's kernels
+        ev("Optimizer.step#AdamW.step", 99_000, annotation=True), ev("aten::mm", 99_000, device="CPU")]
+    parts = part_timings(SimpleNamespace(events=lambda: events))
+    assert parts == pytest.approx({
+        "GEMMs: head, projections, dense and shared MLPs (cuBLAS)": 1.1, "routed experts (grouped_mm: CUTLASS)": 0.5,
+        "elementwise: norms, RoPE, SiLU, dispatch/combine, casts (Triton)": 0.4,
+        "cross-entropy (fused Triton)": 0.3, "attention core (SDPA: cuDNN, flash)": 0.21,
+        "copies and fills": 0.051, "router: top-k and sort": 0.03, "optimizer and clipping (multi-tensor)": 0.03,
+        "other kernels": 0.002})
+    assert list(parts)[0].startswith("GEMMs")  # largest first
