@@ -14,16 +14,22 @@ from torch.distributed.tensor import DTensor, Shard
 from torch.nn.utils import clip_grads_with_norm_, get_total_norm
 
 
-def ep_error(ep, n_routed_experts, world_size, fsdp, dtype):
-    """-> the line saying why this ep cannot run, or None. (A dense model has no experts: ep=1 only.)"""
+def config_error(ddp, world_size, fsdp, ep, n_routed_experts, dtype):
+    """-> the line saying why fsdp or ep cannot run as asked, or None (a dense model has no experts: ep=1)."""
+    e = f"ep={ep}"
     for bad, why in [
-            (ep < 1 or (n_routed_experts or 1) % ep, f"must divide n_routed_experts={n_routed_experts}"),
-            (ep > 1 and fsdp, "with fsdp=True is not supported: shard the experts with one or the other"),
+            (fsdp and not ddp, "fsdp=True shards the model over processes: launch with torchrun "
+                               "(e.g. --nproc_per_node=2)"),
+            (fsdp and dtype == "float16", "fsdp=True with dtype='float16': its grad scaler would need the "
+                                          "shards' overflows; use bfloat16"),
+            (ep < 1 or (n_routed_experts or 1) % ep, f"{e} must divide n_routed_experts={n_routed_experts}"),
+            (ep > 1 and fsdp, f"{e} with fsdp=True is not supported: shard the experts with one or the "
+                              "other"),
             # the grad scaler unscales before the experts' grads are reduced: ranks may disagree on overflows
-            (ep > 1 and dtype == "float16", "with dtype='float16' is not supported: use bfloat16"),
-            (ep > 1 and world_size % ep, f"must divide the number of torchrun processes ({world_size})")]:
+            (ep > 1 and dtype == "float16", f"{e} with dtype='float16' is not supported: use bfloat16"),
+            (ep > 1 and world_size % ep, f"{e} must divide the number of torchrun processes ({world_size})")]:
         if bad:
-            return f"ep={ep} {why}"
+            return why
     return None
 
 
@@ -84,6 +90,8 @@ def load_optimizer_state(model, optimizer, state, mesh):
         for s in state["state"].values():
             s.update({k: v.chunk(ep)[i] for k, v in s.items() if v.dim() == 3})
     dcp.set_optimizer_state_dict(model, optimizer, state, options=dcp.StateDictOptions(full_state_dict=True))
+    for group in optimizer.param_groups:  # an older checkpoint's unfused AdamW loses: the step needs fused
+        group["fused"], group["foreach"] = True, None  # AdamW's found_inf to skip a non-finite step
 
 
 def full_state_dicts(model, optimizer, mesh):

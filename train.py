@@ -72,8 +72,6 @@ share = world_size // rank_groups
 if batch_size % share:
     die(f"{gradient_accumulation_steps} micro-step(s) of batch_size={batch_size} cannot be shared out "
         f"evenly over {world_size} ranks: make batch_size divisible by {share}")
-if fsdp and not ddp:
-    die("fsdp=True shards the model over processes: launch with torchrun (e.g. --nproc_per_node=2)")
 gradient_accumulation_steps //= rank_groups
 rows = batch_size // share  # sequences per rank per micro-step
 rank_group, part = rank // share, rank % share  # which micro-steps this rank runs, which slice of them
@@ -89,9 +87,7 @@ device_type = device.split(":")[0]
 if ddp and device_type == "cuda":
     device = f"cuda:{local_rank}"
     torch.cuda.set_device(device)
-if fsdp and dtype == "float16":
-    die("fsdp=True with dtype='float16': its grad scaler would need the shards' overflows; use bfloat16")
-if why := parallel.ep_error(ep, n_routed_experts, world_size, fsdp, dtype):
+if why := parallel.config_error(ddp, world_size, fsdp, ep, n_routed_experts, dtype):
     die(why)
 torch.manual_seed(seed)  # the same initial weights on every rank (FSDP shards them as they are)
 torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
@@ -226,13 +222,16 @@ if fsdp:  # FSDP2: each block (and MTP module) is one unit, gathered for its for
 optimizer = model.configure_optimizers(weight_decay, learning_rate, (beta1, beta2))
 if "optimizer" in ckpt:  # stored unsharded and keyed by parameter name: loads at any world size
     parallel.load_optimizer_state(model, optimizer, ckpt["optimizer"], mesh)  # (FSDP, EP: their shards)
-    for group in optimizer.param_groups:  # an older checkpoint's unfused AdamW loses: the step needs
-        group["fused"], group["foreach"] = True, None  # fused AdamW's found_inf to skip a bad step
 elif master and init_from == "resume":
     print("note: the checkpoint has no optimizer state; starting a fresh optimizer")
 if ckpt.get("scaler"):  # (empty when saved without fp16)
     scaler.load_state_dict(ckpt["scaler"])
 ckpt = old = None  # free the memory
+if compile:  # warm restarts reuse AOTAutograd's cache; it skips autocast regions and autograd.Functions
+    import torch._functorch.config, torch._inductor.config  # unless told they are safe (ours: traced whole)
+    torch._functorch.config.autograd_cache_allow_custom_autograd_functions = True
+    torch._inductor.config.unsafe_marked_cacheable_functions = {
+        f"torch.amp.autocast_mode.{f}": torch.__version__ for f in ("_enter_autocast", "_exit_autocast")}
 if compile and not fsdp:  # one CUDA process replays it as CUDA graphs: one-by-one launches starve the GPU
     graphs = device_type == "cuda" and not ddp
     model = torch.compile(model, dynamic=False, mode="reduce-overhead" if graphs else None)
@@ -312,7 +311,9 @@ while True:
     for group in optimizer.param_groups:
         group["lr"] = lr
 
-    if eval_only or iter_num % eval_interval == 0 or iter_num >= max_iters:  # the final state too
+    # every eval_interval (not at 0 from scratch: the loss is ~ln(vocab_size) there) and the final state
+    evaluate = iter_num % eval_interval == 0 and (iter_num > 0 or init_from != "scratch")
+    if eval_only or evaluate or iter_num >= max_iters:
         losses = estimate_loss()  # every rank takes part (the losses are all-reduced)
         if losses is None:  # a signal: nothing new to save unless a step ran since the last save
             break

@@ -87,7 +87,7 @@ def test_loss_falls(tmp):
     # both losses are labelled: the eval's main cross-entropy, and the step's training objective
     assert "iter 40: eval ce train " in p.stdout and "(ce + 0.3 mtp + aux), lr" in p.stdout
     rows = [json.loads(l) for l in (tmp / "out" / "log.jsonl").read_text().splitlines()]
-    assert [r["iter"] for r in rows if "ce/val" in r and "ce/train" in r] == [0, 20, 40]
+    assert [r["iter"] for r in rows if "ce/val" in r and "ce/train" in r] == [20, 40]  # (none at 0 from scratch)
     model, ckpt = load_checkpoint(str(tmp / "out" / "ckpt.pt"))
     assert ckpt["iter_num"] == 40 and "optimizer" in ckpt
     # the expert biases moved (the balancing update ran), and training logged MaxVio
@@ -175,7 +175,7 @@ def test_max_iters_steps_then_the_final_state_is_saved_and_resume_does_nothing(t
     run_train(tmp, *args)
     rows = [json.loads(l) for l in (tmp / "out" / "log.jsonl").read_text().splitlines()]
     val = {r["iter"]: r["ce/val"] for r in rows if "ce/val" in r}
-    assert sorted(val) == [0, 2, 4, 5, 7] and val[7] > min(val.values())
+    assert sorted(val) == [2, 4, 5, 7] and val[7] > min(val.values())  # (from scratch: no eval at 0)
     assert load_checkpoint(str(tmp / "out" / "ckpt.pt"))[1]["iter_num"] == 7
     before = snapshot(tmp / "out")
     p = run_train_here(tmp, monkeypatch, *args)
@@ -393,17 +393,19 @@ def test_ctrl_c_abandons_an_eval_at_once(tmp, popen_train):
     """Ctrl-C in the middle of a long eval (the CPU quick-start's first eval takes ~20 minutes) takes
     effect at the next eval batch. Nothing trained since the last checkpoint: nothing is written (not
     even out_dir); a step trained since: it is saved, exactly as a run that stopped there saves it."""
+    # a run saved at iters 1, 2 and 3 (from scratch, no eval at 0: its loss is ~ln(vocab_size))
+    p = run_train(tmp, "--max_iters=3", "--eval_interval=1", "--always_save_checkpoint=True", f"--out_dir={tmp / 'ref'}")
+    assert "iter 0: eval" not in p.stdout and "iter 1: eval" in p.stdout
     slow_eval = ["--eval_iters=10000000", "--eval_interval=3"]
-    proc = popen_train(f"--out_dir={tmp / 'fresh'}", *slow_eval)
-    wait_for(proc, "tokens per iteration")  # the eval at iter 0 is next
+    proc = popen_train(f"--out_dir={tmp / 'fresh'}", f"--init_from={tmp / 'ref'}", *slow_eval)  # (fine-tuning:
+    wait_for(proc, "tokens per iteration")  # the eval at iter 0 is next)
     proc.send_signal(signal.SIGINT)
     out, err = proc.communicate(timeout=30)
     assert proc.returncode == 0, err
     assert err.startswith("SIGINT: stopping") and err.count("\n") == 1, err
     assert not (tmp / "fresh").exists()
 
-    # a run saved at iters 1, 2 and 3; its iter-2 checkpoint (ckpt.prev.pt) is resumed and stopped at 3
-    run_train(tmp, "--max_iters=3", "--eval_interval=1", "--always_save_checkpoint=True", f"--out_dir={tmp / 'ref'}")
+    # ref's iter-2 checkpoint (ckpt.prev.pt) is resumed and stopped at 3
     (tmp / "out").mkdir()
     shutil.copy(tmp / "ref" / "ckpt.prev.pt", tmp / "out" / "ckpt.pt")
     proc = popen_train(f"--out_dir={tmp / 'out'}", "--init_from=resume", "--max_iters=6", *slow_eval)
@@ -430,7 +432,7 @@ def test_ctrl_c_in_a_long_step_saves_it_and_a_second_one_quits_at_once(tmp, pope
     assert proc.returncode == 0 and load_checkpoint(str(tmp / "one" / "ckpt.pt"))[1]["iter_num"] == 2, out + err
 
     proc = popen_train(f"--out_dir={tmp / 'two'}", "--gradient_accumulation_steps=5000")
-    wait_for(proc, "iter 0: eval ce")
+    wait_for(proc, "tokens per iteration")  # (from scratch: step 1 next, no eval at 0)
     proc.send_signal(signal.SIGINT)
     time.sleep(0.5)
     t0 = time.time()
@@ -486,6 +488,7 @@ def one_line_error(p, *needles):
     (["--ep=0"], ["ep=0 must divide n_routed_experts=8"]),
     (["--ep=2", "--n_routed_experts=0"], ["ep=2 must divide n_routed_experts=0"]),  # (a dense model)
     (["--ep=2"], ["ep=2 must divide the number of torchrun processes (1)"]),
+    (["--fsdp=True"], ["fsdp=True shards the model over processes: launch with torchrun"]),
 ])
 def test_bad_config(tmp, args, needles, monkeypatch):
     one_line_error(run_train_here(tmp, monkeypatch, *args), *needles)
