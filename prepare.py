@@ -205,8 +205,8 @@ def write_all(args, tmp):
     # a pool pays off past one chunk; its workers ignore Ctrl-C (dying of it, they would hang the parent) and
     # are spawned: a child forked from a process with threads (tqdm's, torch's) can deadlock on a copied lock
     use_pool = args.num_proc > 1 and max(map(len, splits.values())) > CHUNK
-    ignore_int = (signal.SIGINT, signal.SIG_IGN)
-    with get_context("spawn").Pool(args.num_proc, signal.signal, ignore_int) if use_pool else nullcontext() as pool:
+    spawn, no_int = get_context("spawn"), (signal.SIGINT, signal.SIG_IGN)
+    with spawn.Pool(args.num_proc, signal.signal, no_int) if use_pool else nullcontext() as pool:
         lengths = {split: write_split(tmp, split, xs, pool) for split, xs in splits.items() if len(xs)}
     if "val" not in lengths:
         info["val_from"] = hold_out(tmp, lengths, args.val_fraction)
