@@ -154,8 +154,7 @@ def rope_tables(args: ModelArgs):
 
 
 def apply_rope(x, cos, sin):
-    """Rotate adjacent pairs (x0, x1), (x2, x3), ... as complex numbers: DeepSeek's layout.
-    x: (..., T, n, d) with cos/sin (T, d/2) broadcast over the n axis."""
+    """Rotate adjacent pairs of x (..., T, n, d) as complex numbers (DeepSeek's layout); cos/sin: (T, d/2)."""
     x0, x1 = x.float().unflatten(-1, (-1, 2)).unbind(-1)
     cos, sin = cos[:, None, :], sin[:, None, :]
     return torch.stack((x0 * cos - x1 * sin, x0 * sin + x1 * cos), dim=-1).flatten(-2).type_as(x)
@@ -190,11 +189,9 @@ class MLA(nn.Module):
             self.wq_a = nn.Linear(d, args.q_lora_rank, bias=False)
             self.q_norm = RMSNorm(args.q_lora_rank, args.norm_eps)
             self.wq_b = nn.Linear(args.q_lora_rank, H * args.qk_head_dim, bias=False)
-        # one projection gives the kv latent AND the single rotary key shared by all heads
-        self.wkv_a = nn.Linear(d, self.rank + self.dr, bias=False)
+        self.wkv_a = nn.Linear(d, self.rank + self.dr, bias=False)  # kv latent AND the one shared rotary key
         self.kv_norm = RMSNorm(self.rank, args.norm_eps)
-        # latent -> per-head content keys and values
-        self.wkv_b = nn.Linear(self.rank, H * (self.dn + self.dv), bias=False)
+        self.wkv_b = nn.Linear(self.rank, H * (self.dn + self.dv), bias=False)  # latent -> keys, values
         self.wo = nn.Linear(H * self.dv, d, bias=False)
         self.scale = args.qk_head_dim ** -0.5
         if args.rope_factor > 1.0:  # YaRN's attention temperature, applied to the softmax scale
@@ -585,6 +582,9 @@ class DeepSeekV3(nn.Module):
         matmul += mtp + a.mtp_depth * self.head.weight.numel()  # each MTP module runs the head again
         attn = 6 * (a.n_layer + a.mtp_depth) * (T or a.block_size) * a.n_head * (a.qk_head_dim + a.v_head_dim)
         return 6 * matmul + attn
+
+    def estimate_mfu(self, tokens_per_s, peak_flops=989e12, T=None):  # (989 TFLOP/s: an H100's bf16 dense)
+        return self.estimate_flops_per_token(T) * tokens_per_s / peak_flops
 
     @torch.no_grad()
     def optimizer_step(self, optimizer, grad_norm):

@@ -198,7 +198,7 @@ if master:
     print(f"tokens per iteration: {tokens_per_iter:,} ({world_size} rank(s) x {gradient_accumulation_steps} "
           f"micro-steps x {rows} x {block_size})")
 saved_iter = iter_num  # the checkpoint holds this state (or, from scratch, there is nothing to save)
-flops_per_token = model.estimate_flops_per_token()  # (of all the experts: before EP shares them out)
+mfu_per_tok_s = model.estimate_mfu(1, 989e12 * world_size)  # H100s' bf16 peak; before EP shares the experts
 mesh = parallel.shard_experts(model, ep, device_type)  # expert parallelism: this rank's share (None: ep=1)
 model.to(device)
 model.use_checkpointing = use_checkpointing
@@ -359,7 +359,7 @@ while True:
             dist.all_reduce(loss_sum, op=dist.ReduceOp.AVG)
         if master:
             lossf, tok_s, gn = loss_sum.item(), tokens_per_iter / dt, norm.item()
-            mfu = flops_per_token * tok_s / (989e12 * world_size)  # against H100s' bf16 dense peak
+            mfu = mfu_per_tok_s * tok_s
             mv = maxvio.item() if maxvio is not None and finite.item() else float("nan")
             print(f"iter {iter_num}: loss {lossf:.4f} ({loss_terms}), lr {lr:.2e}, time {dt * 1000:.0f}ms, "
                   f"{tok_s:,.0f} tok/s, mfu {f'{mfu:.1%}' if device_type == 'cuda' else 'n/a'}, "

@@ -507,6 +507,7 @@ def test_parameter_counts_by_hand():
     expected = 6 * (n["active"] - V * d + mtp_active + V * d) + 6 * 4 * 64 * H * (24 + 12)
     assert f == expected
     assert m.estimate_flops_per_token(T=16) < f
+    assert m.estimate_mfu(2e5, 989e12, T=64) == pytest.approx(f * 2e5 / 989e12)  # MFU: that over a peak
 
 
 def test_differences_ignore_training_only_knobs():
