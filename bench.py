@@ -17,6 +17,7 @@ from dataclasses import fields, replace
 import torch
 
 from model import DeepSeekV3, ModelArgs, pick_device
+from parallel import clip_grad_norm_
 
 # -----------------------------------------------------------------------------
 batch_size = 64
@@ -103,7 +104,7 @@ def make_step(args, liger=False):
             _, loss = fwd(x, y)
         scaler.scale(loss).backward()
         scaler.unscale_(opt)
-        model.optimizer_step(opt, torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0))
+        model.optimizer_step(opt, clip_grad_norm_(model, 1.0, None))  # (train.py's clip, one process)
         scaler.update()
         opt.zero_grad(set_to_none=True)
     return model, step, x, y
@@ -115,11 +116,11 @@ def bench_step(name, args, liger=False):
         torch.cuda.reset_peak_memory_stats()
     ms = timeit(step)
     tok_s, fpt = B * T / (ms / 1000), model.estimate_flops_per_token(T)
-    r = {"ms": ms, "tok_s": tok_s, "flops_per_token": fpt, "mfu": fpt * tok_s / peak_flops,
+    r = {"ms": ms, "tok_s": tok_s, "flops_per_token": fpt, "mfu": model.estimate_mfu(tok_s, peak_flops, T),
          "params": model.get_num_params(),
          "peak_mem_gb": torch.cuda.max_memory_allocated() / 1e9 if device_type == "cuda" else None}
     if results.get("matmul_peak"):
-        r["mfu_vs_matmul"] = fpt * tok_s / results["matmul_peak"]
+        r["mfu_vs_matmul"] = model.estimate_mfu(tok_s, results["matmul_peak"], T)
     results[name] = r
     print(f"{name}: {ms:.1f} ms/step, {tok_s:,.0f} tok/s, MFU {r['mfu'] * 100:.1f}%"
           + (f", peak mem {r['peak_mem_gb']:.1f} GB" if r["peak_mem_gb"] else ""), flush=True)
