@@ -235,6 +235,16 @@ class MLA(nn.Module):
 
 # ---- DeepSeekMoE ---------------------------------------------------------------------------------
 
+def top_k(x, k):
+    """The indices of x's k largest along its last dim, largest first (ties: the lowest index), as k
+    argmaxes: compiled, a kernel or two, where torch.topk's radix select is slow for k of a few experts."""
+    idx = []
+    for _ in range(k):
+        idx.append(x.argmax(-1, keepdim=True))
+        x = x.scatter(-1, idx[-1], float("-inf"))
+    return torch.cat(idx, -1)
+
+
 class Gate(nn.Module):
     """Scores every routed expert, picks the top-k (group-limited, bias-steered), weights them."""
 
@@ -263,7 +273,7 @@ class Gate(nn.Module):
             top_groups = group_score.topk(a.n_limited_groups, dim=-1).indices
             keep = torch.zeros_like(group_score, dtype=torch.bool).scatter_(1, top_groups, True)
             choice = g.masked_fill(~keep.unsqueeze(-1), float("-inf")).flatten(1)
-        idx = choice.topk(a.n_activated_experts, dim=-1).indices
+        idx = top_k(choice, a.n_activated_experts)
         w = scores.gather(1, idx)
         if a.score_func == "sigmoid":  # sigmoid scores don't sum to 1: normalise over the chosen
             w = w / (w.sum(-1, keepdim=True) + 1e-20)
@@ -338,7 +348,7 @@ class MoE(nn.Module):
             # the share of the sequence's top-k affinities (plain top-k: no bias, groups or noise) that
             # are expert i's (x E/K), P_i = mean of expert i's normalised affinity. Gradient through P only.
             P = (scores / scores.sum(-1, keepdim=True)).view(B, T, E).mean(1)
-            top = scores.topk(K, dim=-1).indices.view(B, T * K)
+            top = top_k(scores, K).view(B, T * K)
             f = torch.zeros(B, E, device=x.device).scatter_add_(1, top, torch.ones_like(top, dtype=P.dtype))
             aux = a.seq_aux_alpha * (f * (E / (K * T)) * P).sum(-1).mean()
         return y.view(B, T, d), counts, aux
@@ -450,9 +460,10 @@ class DeepSeekV3(nn.Module):
         return [m for m in self.modules() if isinstance(m, MoE)]
 
     def forward(self, idx, targets=None):
-        """idx, targets: (B, T) token ids. Training mode with targets: loss = main CE + mtp_lambda *
-        mean(MTP CEs) + balance loss. Eval mode: main CE only (comparable to any other LM); the MTP
-        modules are skipped. Without targets: logits of the last position only (nanoGPT)."""
+        """idx, targets: (B, T) token ids. Training mode with targets: (None, loss), loss = main CE +
+        mtp_lambda * mean(MTP CEs) + balance loss; no logits, as a compiled model's backward would fill a
+        zero gradient their size. Eval mode: (logits, main CE), comparable to any other LM; the MTP modules
+        are skipped. Without targets: logits of the last position only (nanoGPT)."""
         B, T = idx.shape
         if T > self.args.block_size:
             raise ValueError(f"sequence length {T} exceeds block_size {self.args.block_size}")
@@ -480,7 +491,7 @@ class DeepSeekV3(nn.Module):
                     mod.block.ffn.tokens_per_expert.add_(counts)
                 mtp_losses.append(self.lm_loss(hn, targets[:, k:])[1])
             loss = loss + self.args.mtp_lambda * torch.stack(mtp_losses).mean()
-        return logits, loss + aux if self.training else loss
+        return (None, loss + aux) if self.training else (logits, loss)
 
     def use_liger(self):  # Liger's fused linear cross-entropy for the loss (liger-kernel installed, CUDA)
         from liger_kernel.transformers import LigerFusedLinearCrossEntropyLoss

@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from conftest import ROOT, fake_device, rel, tokens
 
-from model import MLA, DeepSeekV3, Gate, ModelArgs, MoE, apply_rope, pick_device, rope_tables
+from model import MLA, DeepSeekV3, Gate, ModelArgs, MoE, apply_rope, pick_device, rope_tables, top_k
 
 
 def small(**kw):
@@ -163,7 +163,7 @@ def test_attention_dropout_only_in_training():
         assert torch.equal(m(x, x)[0], m(x, x)[0])
     m.train()
     with torch.no_grad():
-        assert not torch.equal(m(x, x)[0], m(x, x)[0])
+        assert not torch.equal(m(x, x)[1], m(x, x)[1])
 
 
 # ---- MoE ------------------------------------------------------------------------------------
@@ -274,6 +274,16 @@ def test_softmax_routing_is_v2s():
     m = model_of(replace(a, bias_update_speed=0.1)).train()
     m(tokens(a), tokens(a))[1].backward()
     assert m.update_expert_bias() is not None and all(l.tokens_per_expert.sum() == 0 for l in m.moe_layers())
+
+
+def test_top_k_is_topk():
+    # the argmax loop picks what torch.topk picks, in its order, masked (-inf) groups included
+    g = torch.Generator().manual_seed(0)
+    for E, k in [(16, 4), (256, 8), (8, 1)]:
+        x = torch.randn(300, E, generator=g)
+        x[:100, E // 2:] = float("-inf")
+        assert torch.equal(top_k(x, k), x.topk(k, dim=-1).indices)
+    assert top_k(torch.tensor([[1.0, 3.0, 3.0, 2.0]]), 3).tolist() == [[1, 2, 3]]  # ties: lowest first
 
 
 def test_group_limited_routing_stays_in_chosen_groups():
@@ -664,6 +674,19 @@ def test_checkpointing_gives_same_loss_and_grads():
     assert all(torch.equal(l.tokens_per_expert, c) for l, c in zip(m.moe_layers(), c0))
 
 
+class ZeroFills(torch.utils._python_dispatch.TorchDispatchMode):
+    """The shapes of the tensors zero-filled while it is on."""
+    def __init__(self):
+        super().__init__()
+        self.shapes = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        if "zero" in func.__name__ or "fill" in func.__name__:
+            self.shapes.append(tuple(out.shape))
+        return out
+
+
 def test_compile_fullgraph_training_step():
     a = small(n_layer=2, mtp_depth=1)
     m = model_of(a).train()
@@ -675,8 +698,10 @@ def test_compile_fullgraph_training_step():
     for l in m.moe_layers():
         l.tokens_per_expert.zero_()
     cm = torch.compile(m, fullgraph=True, backend="aot_eager")  # (inductor's kernels: tests/test_gpu.py)
-    loss = cm(x, x)[1]
-    loss.backward()
+    logits, loss = cm(x, x)
+    with ZeroFills() as fills:  # a logits output would get a zero gradient filled, the logits' size
+        loss.backward()
+    assert (*x.shape, a.vocab_size) not in fills.shapes and logits is None
     assert loss.item() == pytest.approx(ref_loss.item(), rel=1e-5)
     assert rel(m.blocks[1].ffn.w1.grad, ref_grad) < 1e-4
     assert m.blocks[1].ffn.tokens_per_expert.sum() == 2 * 16 * a.n_activated_experts
