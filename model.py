@@ -235,16 +235,6 @@ class MLA(nn.Module):
 
 # ---- DeepSeekMoE ---------------------------------------------------------------------------------
 
-def top_k(x, k):
-    """The indices of x's k largest along its last dim, largest first (ties: the lowest index), as k
-    argmaxes: compiled, a kernel or two, where torch.topk's radix select is slow for k of a few experts."""
-    idx = []
-    for _ in range(k):
-        idx.append(x.argmax(-1, keepdim=True))
-        x = x.scatter(-1, idx[-1], float("-inf"))
-    return torch.cat(idx, -1)
-
-
 class Gate(nn.Module):
     """Scores every routed expert, picks the top-k (group-limited, bias-steered), weights them."""
 
@@ -273,7 +263,8 @@ class Gate(nn.Module):
             top_groups = group_score.topk(a.n_limited_groups, dim=-1).indices
             keep = torch.zeros_like(group_score, dtype=torch.bool).scatter_(1, top_groups, True)
             choice = g.masked_fill(~keep.unsqueeze(-1), float("-inf")).flatten(1)
-        idx = top_k(choice, a.n_activated_experts)
+        # a stable sort's first k, not topk: compiled, a sort of a few experts fuses into the routing kernel
+        idx = choice.argsort(dim=-1, descending=True, stable=True)[:, :a.n_activated_experts]
         w = scores.gather(1, idx)
         if a.score_func == "sigmoid":  # sigmoid scores don't sum to 1: normalise over the chosen
             w = w / (w.sum(-1, keepdim=True) + 1e-20)
@@ -337,18 +328,17 @@ class MoE(nn.Module):
         xf = x.reshape(-1, d)
         w, idx, scores = self.gate(xf)
         E, K = a.n_routed_experts, a.n_activated_experts
-        counts = torch.zeros(E, device=x.device, dtype=torch.float32)
-        counts.scatter_add_(0, idx.flatten(), torch.ones_like(idx.flatten(), dtype=torch.float32))
+        ones = torch.ones(idx.numel(), device=x.device)
+        counts = torch.zeros(E, device=x.device).scatter_add_(0, idx.flatten(), ones)  # (bincount syncs)
         y = self.run_experts(xf, w, idx, counts, self.ep_group)
-        if self.shared is not None:
-            y = y + self.shared(xf)
+        y = y if self.shared is None else y + self.shared(xf)
         aux = x.new_zeros((), dtype=torch.float32)
         if self.training and a.seq_aux_alpha > 0:
             # Sequence-wise balance loss (paper eq. 17-20): alpha * sum_i f_i * P_i per sequence, f_i =
             # the share of the sequence's top-k affinities (plain top-k: no bias, groups or noise) that
             # are expert i's (x E/K), P_i = mean of expert i's normalised affinity. Gradient through P only.
             P = (scores / scores.sum(-1, keepdim=True)).view(B, T, E).mean(1)
-            top = top_k(scores, K).view(B, T * K)
+            top = scores.argsort(dim=-1, descending=True, stable=True)[:, :K].reshape(B, T * K)
             f = torch.zeros(B, E, device=x.device).scatter_add_(1, top, torch.ones_like(top, dtype=P.dtype))
             aux = a.seq_aux_alpha * (f * (E / (K * T)) * P).sum(-1).mean()
         return y.view(B, T, d), counts, aux
@@ -460,10 +450,9 @@ class DeepSeekV3(nn.Module):
         return [m for m in self.modules() if isinstance(m, MoE)]
 
     def forward(self, idx, targets=None):
-        """idx, targets: (B, T) token ids. Training mode with targets: (None, loss), loss = main CE +
-        mtp_lambda * mean(MTP CEs) + balance loss; no logits, as a compiled model's backward would fill a
-        zero gradient their size. Eval mode: (logits, main CE), comparable to any other LM; the MTP modules
-        are skipped. Without targets: logits of the last position only (nanoGPT)."""
+        """idx, targets: (B, T) token ids. Training mode with targets: (None, loss = main CE + mtp_lambda *
+        mean(MTP CEs) + balance loss); no logits: a compiled backward would zero-fill a gradient that big.
+        Eval mode: (logits, main CE), like any LM; no MTP. Without targets: last position's logits."""
         B, T = idx.shape
         if T > self.args.block_size:
             raise ValueError(f"sequence length {T} exceeds block_size {self.args.block_size}")
