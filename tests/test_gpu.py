@@ -1,7 +1,7 @@
 """What only a CUDA GPU can check (skipped without one; `python -m pytest tests/` on a GPU machine runs it):
 the grouped-GEMM experts against the padded ones under bf16 autocast, and train.py's step compiled as
 one graph (fullgraph) that never makes the host wait (no sync in forward, backward, clipping, optimizer), on
-each expert path and in fp16 with the grad scaler too."""
+each expert path and in fp16 with the grad scaler too; and train.py compiled with gradient accumulation."""
 from dataclasses import replace
 
 import pytest
@@ -76,3 +76,16 @@ def test_liger_matches_plain_cross_entropy_with_ignored_targets_under_compile():
     assert rel(got[1][0], got[0][0]) < 1e-2, (got[1][0], got[0][0])
     errors = {n: rel(g, got[0][1][n]) for n, g in got[1][1].items()}
     assert errors.keys() == got[0][1].keys() and max(errors.values()) < 5e-2, errors
+
+
+def test_train_py_accumulates_gradients_when_compiled(tmp_path):
+    """train.py on CUDA, compiled, with 2 micro-steps per step: the eager run's losses. Replayed as CUDA
+    graphs, a micro-step's backward overwrote the .grad the one before left (train.py stopped, an error)."""
+    from test_train import make_data, run_train, step_losses
+    make_data(tmp_path / "data")
+    common = ["--device=cuda", "--max_iters=4", "--eval_interval=1000", "--gradient_accumulation_steps=2"]
+    for mode in ("True", "False"):
+        run_train(tmp_path, *common, f"--compile={mode}", f"--out_dir={tmp_path / mode}", timeout=300)
+    compiled, eager = step_losses(tmp_path / "True"), step_losses(tmp_path / "False")
+    assert sorted(compiled) == sorted(eager) == [0, 1, 2, 3]
+    assert all(abs(compiled[i] - eager[i]) < 0.02 * eager[i] for i in eager), (compiled, eager)
