@@ -259,11 +259,11 @@ class Gate(nn.Module):
             # keep the n_limited_groups best groups: by the sum of their two best (biased) scores in V3,
             # by their best score in V2 (no bias), as DeepSeek's Gate does
             g = choice.view(-1, a.n_expert_groups, a.n_routed_experts // a.n_expert_groups)
-            group_score = g.amax(-1) if self.bias is None else g.topk(2, dim=-1).values.sum(-1)
-            top_groups = group_score.topk(a.n_limited_groups, dim=-1).indices
+            group_score = g.amax(-1) if self.bias is None else g.sort(dim=-1).values[..., -2:].sum(-1)
+            top_groups = group_score.argsort(dim=-1, descending=True, stable=True)[:, :a.n_limited_groups]
             keep = torch.zeros_like(group_score, dtype=torch.bool).scatter_(1, top_groups, True)
             choice = g.masked_fill(~keep.unsqueeze(-1), float("-inf")).flatten(1)
-        # a stable sort's first k, not topk: compiled, a sort of a few experts fuses into the routing kernel
+        # (sorts, not topk: compiled, the sort of a few experts or groups is part of the routing kernel)
         idx = choice.argsort(dim=-1, descending=True, stable=True)[:, :a.n_activated_experts]
         w = scores.gather(1, idx)
         if a.score_func == "sigmoid":  # sigmoid scores don't sum to 1: normalise over the chosen
