@@ -233,8 +233,8 @@ if compile:  # warm restarts reuse AOTAutograd's cache; it skips autocast region
     torch._inductor.config.unsafe_marked_cacheable_functions = {
         f"torch.amp.autocast_mode.{f}": torch.__version__ for f in ("_enter_autocast", "_exit_autocast")}
 if compile and not fsdp:  # one CUDA process replays it as CUDA graphs: one-by-one launches starve the GPU
-    graphs = device_type == "cuda" and not ddp and gradient_accumulation_steps == 1  # (a replay overwrites
-    # the buffers of the .grad that the micro-step before left: an error, or a silently wrong sum)
+    # (not with gradient accumulation: a replay overwrites the .grad buffers the micro-step before left)
+    graphs = device_type == "cuda" and not ddp and gradient_accumulation_steps == 1
     model = torch.compile(model, dynamic=False, mode="reduce-overhead" if graphs else None)
 if ddp and not fsdp:  # biases: all-reduced, not broadcast; big buckets: each boundary splits a compiled graph
     DDP._set_params_and_buffers_to_ignore_for_model(model, parallel.ddp_ignores(model, mesh))
