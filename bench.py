@@ -38,7 +38,6 @@ ckpt = ""                  # sample: a trained checkpoint (acceptance rates need
 data_dir = ""              # sample: the prompt is the first 16 tokens of data_dir/val.bin (else random)
 gen_tokens = 256           # sample: new tokens per generation
 decode_modes = "eager,graph,compiled_graph"  # sample: the ways to run a decode step (graphs: CUDA only)
-fp32_check = True          # sample, CUDA: plain vs speculative greedy again in fp32 (no TF32)
 peak_flops = 989e12        # H100 SXM bf16 dense
 globals().update({f.name: f.default for f in fields(ModelArgs)})
 # -----------------------------------------------------------------------------
@@ -200,7 +199,8 @@ def sample_setup():
 
 def bench_sample():
     """Greedy generation per decode mode: prefill tokens/s, steady decode tokens/s at batch 1 and 16, and
-    speculative decoding's speed-up, acceptance and tokens shared with plain (all, in fp32 on CUDA)."""
+    speculative decoding's speed-up, acceptance and tokens shared with plain (fp32: tests/test_gpu.py).
+    Steady: a gen_tokens run less an n0-token one, so set-up, prefill and capture cancel."""
     from sample import generate
     modes, model, wdt, prompt = sample_setup()
     P = prompt.shape[1]
@@ -214,42 +214,27 @@ def bench_sample():
         sync()
         return time.perf_counter() - t0, y, st
 
-    def measure(tag, batches):
-        """Steady tokens/s: a gen_tokens run less an n0-token one, so set-up, prefill and capture cancel."""
-        n0 = gen_tokens // 8
-        for name, kw in modes.items():
-            for B, spec in [(B, False) for B in batches] + [(1, True)] * (a.mtp_depth > 0):
-                k = f"{tag}{'spec' if spec else 'decode'}_b{B}_{name}"
-                r[f"{k}_first_call_s"] = wall(B, n0, speculative=spec, **kw)[0]  # compiles, where it does
-                t0 = wall(B, n0, speculative=spec, **kw)[0]
-                t1, y, st = wall(B, gen_tokens, speculative=spec, **kw)
-                r[f"{k}_tok_s"] = B * (gen_tokens - n0) / (t1 - t0)
-                print(f"  {k}: {r[k + '_tok_s']:,.0f} tok/s (first call {r[k + '_first_call_s']:.1f} s)",
-                      flush=True)
-                if spec:
-                    r[f"{k}_speedup"] = r[f"{k}_tok_s"] / r[f"{tag}decode_b1_{name}_tok_s"]
-                    r[f"{k}_acceptance"] = st["accepted"] / max(1, st["drafted"])
-                    same = (y[0, P:] != plain[0, P:]).long().cumsum(0) == 0
-                    r[f"{k}_tokens_same_as_plain"] = int(same.sum())
-                elif B == 1:
-                    plain = y
-
-    a = model.args
+    a, n0 = model.args, gen_tokens // 8
     with torch.no_grad():  # prefill: half a block, once warm
         x = torch.randint(0, 50257, (1, a.block_size // 2), device=device)
         ms = timeit(lambda: model.forward_cached(x, model.make_cache(1, dtype=wdt), 0), n=1, w=1)
     r["prefill_tok_s"] = x.shape[1] / (ms / 1000)
-    measure("", (1, 16))
-    if device_type == "cuda" and fp32_check and modes.keys() - {"eager"}:
-        model.float()  # fp32 without TF32: plain and speculative greedy must agree token for token here
-        modes.pop("eager", None)
-        torch._dynamo.reset()  # (a fresh compile cache for the fp32 steps)
-        tf32 = torch.backends.cuda.matmul.allow_tf32
-        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
-        try:
-            measure("fp32_", (1,))
-        finally:
-            torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = tf32
+    for name, kw in modes.items():
+        for B, spec in [(1, False), (16, False)] + [(1, True)] * (a.mtp_depth > 0):
+            k = f"{'spec' if spec else 'decode'}_b{B}_{name}"
+            r[f"{k}_first_call_s"] = wall(B, n0, speculative=spec, **kw)[0]  # compiles, where it does
+            t0 = wall(B, n0, speculative=spec, **kw)[0]
+            t1, y, st = wall(B, gen_tokens, speculative=spec, **kw)
+            r[f"{k}_tok_s"] = B * (gen_tokens - n0) / (t1 - t0)
+            print(f"  {k}: {r[k + '_tok_s']:,.0f} tok/s (first call {r[k + '_first_call_s']:.1f} s)",
+                  flush=True)
+            if spec:
+                r[f"{k}_speedup"] = r[f"{k}_tok_s"] / r[f"decode_b1_{name}_tok_s"]
+                r[f"{k}_acceptance"] = st["accepted"] / max(1, st["drafted"])
+                same = (y[0, P:] != plain[0, P:]).long().cumsum(0) == 0
+                r[f"{k}_tokens_same_as_plain"] = int(same.sum())
+            elif B == 1:
+                plain = y
     results["sample"] = r
     print("\n| generation (" + r["ckpt"] + f", {gen_tokens} new tokens, greedy) | value |\n|---|---|")
     for k, v in r.items():

@@ -16,9 +16,9 @@ import traceback
 from dataclasses import fields, is_dataclass
 
 
-def fail(msg):
+def fail(msg, code=2):  # (2: a bad knob or input; 1: it failed at work)
     print(f"error: {msg}", file=sys.stderr)
-    sys.exit(2)
+    sys.exit(code)
 
 
 def knobs(g):

@@ -14,11 +14,10 @@ import math
 import os
 import re
 import shutil
-import sys
 from contextlib import contextmanager
 from dataclasses import asdict
 
-from configurator import configure
+from configurator import configure, fail
 
 # torch (and model.py) load in seconds: imported where used, so a wrong flag or path is answered at once
 
@@ -70,8 +69,7 @@ def first_line(e):
     return (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
 
 
-# -----------------------------------------------------------------------------
-# the name map, used in both directions
+# ---- the name map, used in both directions -------------------------------------------------------
 
 def name_map(args, state_keys):
     """-> {hf name: (our state_dict key, expert index or None)} for every tensor of our state dict
@@ -100,8 +98,7 @@ def mtp_copies(args, depth):
             for name, key in (("embed_tokens", "tok_emb.weight"), ("shared_head.head", "head.weight"))}
 
 
-# -----------------------------------------------------------------------------
-# configs
+# ---- configs -------------------------------------------------------------------------------------
 
 def unsupported(args):
     """Why the export would compute something else than model.py, or None."""
@@ -222,8 +219,7 @@ def args_from_hf_config(cfg, mtp_depth, where):
         n_expert_groups=c["n_group"] or 1, n_limited_groups=c["topk_group"] or 1)
 
 
-# -----------------------------------------------------------------------------
-# the GPT-2 tokenizer, from tiktoken
+# ---- the GPT-2 tokenizer, from tiktoken ----------------------------------------------------------
 
 @functools.cache
 def gpt2_vocab_and_merges():
@@ -291,8 +287,7 @@ def write_tokenizer(folder, block_size):
     tk.save(os.path.join(folder, "tokenizer.json"))
 
 
-# -----------------------------------------------------------------------------
-# writing without leaving anything half-done
+# ---- writing without leaving anything half-done --------------------------------------------------
 
 def missing_top(target, what):
     """-> the topmost missing folder above target (None if none): what a failed write removes. Refuses
@@ -328,8 +323,7 @@ def replacing(target, top):
         raise
 
 
-# -----------------------------------------------------------------------------
-# checkpoint -> transformers
+# ---- checkpoint -> transformers ------------------------------------------------------------------
 
 def to_hf_state_dict(model, depth):
     """-> {DeepSeek's on-disk name: tensor}, with the first depth MTP modules."""
@@ -391,8 +385,7 @@ def export_hf(ckpt_path, hf_dir, mtp=True, force=False):
             f"{n / 1e6:.2f}M values{mtp_note}")
 
 
-# -----------------------------------------------------------------------------
-# transformers -> checkpoint
+# ---- transformers -> checkpoint ------------------------------------------------------------------
 
 def read_hf_config(folder):
     """-> config dict of a transformers DeepseekV3 folder, or ExportError."""
@@ -544,8 +537,7 @@ def main(argv=None):
         print(import_hf(s["from_hf"], s["out_dir"], s["mtp"], s["force"]) if s["from_hf"] else
               export_hf(os.path.join(s["out_dir"], "ckpt.pt"), s["hf_dir"], s["mtp"], s["force"]))
     except ExportError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(1)
+        fail(e, 1)
 
 
 if __name__ == "__main__":

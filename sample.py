@@ -22,12 +22,12 @@ import time
 
 import torch
 
+from configurator import fail
 from model import CheckpointError, load_checkpoint, pick_device
 from prepare import PrepareError, load_encoding
 
 
-# -----------------------------------------------------------------------------
-# turning logits into tokens
+# ---- turning logits into tokens ------------------------------------------------------------------
 
 def filter_logits(logits, top_k=None, top_p=1.0):
     """Set to -inf every logit that top-k or nucleus (top-p) filtering removes, in that order.
@@ -87,8 +87,7 @@ def _check(temperature, top_k, top_p, max_new_tokens):
         raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
 
 
-# -----------------------------------------------------------------------------
-# the decoding step
+# ---- the decoding step ---------------------------------------------------------------------------
 
 def _step(model, cache, pending, st, cfg, T):
     """One step's model work and draws, fixed shapes, no host sync (compile=True compiles this):
@@ -174,8 +173,7 @@ def _prefill(model, cache, out, st, s, n, cfg, speculative):
     return True
 
 
-# -----------------------------------------------------------------------------
-# generation
+# ---- generation ----------------------------------------------------------------------------------
 
 @torch.no_grad()
 def generate(model, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=1.0, eot=None, generator=None,
@@ -238,8 +236,7 @@ def generate(model, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=1.0,
     return out[:, :min(n, end)], {"accepted": accepted, "drafted": drafted}
 
 
-# -----------------------------------------------------------------------------
-# the command line
+# ---- the command line ----------------------------------------------------------------------------
 
 class TextStream:
     """An on_tokens callback for batch 1: writes the text as tokens arrive, up to the end-of-text
@@ -260,23 +257,18 @@ class TextStream:
         self.file.write(self.decoder.decode(b"", final=True))
 
 
-def fail(msg, code=1):
-    print(f"error: {msg}", file=sys.stderr)
-    sys.exit(code)
-
-
 def load_model(path, device, dtype, compile, speculative):
     """-> (the checkpoint's model on device in dtype, compile, pick_device's line), or an error line."""
     try:
         device, dtype, compile, moe_impl, line = pick_device(device, dtype, compile)
     except ValueError as e:
-        fail(e, 2)
+        fail(e)
     try:
         model = load_checkpoint(path, map_location="cpu", moe_impl=moe_impl)[0]
     except CheckpointError as e:
-        fail(e)
+        fail(e, 1)
     if speculative and model.args.mtp_depth < 1:
-        fail(f"{path} has no MTP module (mtp_depth=0): speculative decoding needs one", 2)
+        fail(f"{path} has no MTP module (mtp_depth=0): speculative decoding needs one")
     for p in model.parameters():  # the buffers (RoPE tables, expert biases) stay fp32, as in training
         p.data = p.data.to(getattr(torch, dtype))
     return model.to(device).eval(), compile, line
@@ -287,16 +279,16 @@ def main():
     try:
         _check(temperature, top_k, top_p, max_new_tokens)
     except ValueError as e:
-        fail(e, 2)
+        fail(e)
     if num_samples < 1:
-        fail(f"num_samples must be >= 1, got {num_samples}", 2)
+        fail(f"num_samples must be >= 1, got {num_samples}")
     prompt = start
     if start.startswith("FILE:"):
         try:
             with open(start[len("FILE:"):], encoding="utf-8") as f:
                 prompt = f.read()
         except (OSError, UnicodeDecodeError) as e:
-            fail(f"cannot read the prompt file '{start[5:]}': {getattr(e, 'strerror', None) or e}")
+            fail(f"cannot read the prompt file '{start[5:]}': {getattr(e, 'strerror', None) or e}", 1)
     torch.manual_seed(seed)
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     model, compiled, line = load_model(os.path.join(out_dir, "ckpt.pt"), device, dtype, compile, speculative)
@@ -304,11 +296,11 @@ def main():
     try:
         enc, V = load_encoding(), model.args.vocab_size
     except PrepareError as e:
-        fail(e)
+        fail(e, 1)
     ids = enc.encode(prompt, allowed_special={"<|endoftext|>"})
     ids = [enc.eot_token] + ids if eot_prefix or not ids else ids
     if max(ids) >= V:
-        fail(f"the prompt has token {max(ids)} but the model's vocabulary has {V} (GPT-2 needs >= 50257)")
+        fail(f"the prompt has token {max(ids)}, the model's vocabulary {V} (GPT-2 needs >= 50257)", 1)
     eot = enc.eot_token if stop_at_eot else None
     stream = TextStream(enc, eot) if num_samples == 1 else None  # one story streams as it is written
     if stream:

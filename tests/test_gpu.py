@@ -1,7 +1,8 @@
 """What only a CUDA GPU can check (skipped without one; `python -m pytest tests/` on a GPU machine runs it):
 the grouped-GEMM experts against the padded ones under bf16 autocast, and train.py's step compiled as
 one graph (fullgraph) that never makes the host wait (no sync in forward, backward, clipping, optimizer), on
-each expert path and in fp16 with the grad scaler too; and train.py compiled with gradient accumulation."""
+each expert path and in fp16 with the grad scaler too; train.py compiled with gradient accumulation; and
+speculative greedy decoding = plain greedy in fp32 with CUDA graphs."""
 from dataclasses import replace
 
 import pytest
@@ -89,3 +90,17 @@ def test_train_py_accumulates_gradients_when_compiled(tmp_path):
     compiled, eager = step_losses(tmp_path / "True"), step_losses(tmp_path / "False")
     assert sorted(compiled) == sorted(eager) == [0, 1, 2, 3]
     assert all(abs(compiled[i] - eager[i]) < 0.02 * eager[i] for i in eager), (compiled, eager)
+
+
+def test_speculative_greedy_is_plain_greedy_in_fp32_with_cuda_graphs(monkeypatch):
+    """sample.py's decoder on CUDA (graph-replayed steps, no TF32): speculative greedy writes plain greedy's
+    tokens exactly, across a window slide (bench.py reports how many agree in bf16)."""
+    from sample import generate
+    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
+    torch.manual_seed(0)
+    model = DeepSeekV3(replace(ARGS, block_size=64)).cuda().eval()
+    x = torch.randint(0, 50257, (1, 16), device="cuda")
+    plain = generate(model, x, 80, temperature=0, cuda_graph=True)[0]
+    spec, st = generate(model, x, 80, temperature=0, speculative=True, cuda_graph=True)
+    assert st["drafted"] > 0 and torch.equal(spec, plain)
