@@ -484,8 +484,10 @@ class DeepSeekV3(nn.Module):
 
     def use_liger(self):  # Liger's fused linear cross-entropy for the loss (liger-kernel installed, CUDA)
         from liger_kernel.transformers import LigerFusedLinearCrossEntropyLoss
-        flce = LigerFusedLinearCrossEntropyLoss(ignore_index=-1)  # no torch.compile tracing: run eagerly
-        self.fused_ce = torch.compiler.disable(lambda w, h, t: flce(w, h, t))
+        # summed, divided here: Liger computes the gradient in its forward, in the autocast dtype; in fp16 a
+        # mean's 1/tokens, applied before the loss scale, flushes most of it to zero
+        flce = LigerFusedLinearCrossEntropyLoss(ignore_index=-1, reduction="sum")
+        self.fused_ce = torch.compiler.disable(lambda w, h, t: flce(w, h, t) / (t >= 0).sum())  # (eagerly)
 
     def run_block(self, block, *xs):
         if self.use_checkpointing and self.training and torch.is_grad_enabled():
