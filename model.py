@@ -469,8 +469,7 @@ class DeepSeekV3(nn.Module):
             return self.head(h[:, [-1]]), None
         logits, loss = self.lm_loss(h, targets)
         if self.training and self.args.mtp_depth > 0 and T > self.args.mtp_depth:
-            # Depth k at position t sees h^{k-1}_t and token t+k, and predicts token t+k+1
-            # (= targets[t+k]). All positions at once: the decoder is never run token by token.
+            # depth k at position t sees h^{k-1}_t and token t+k, predicts t+k+1 (targets[t+k]); all t at once
             mtp_losses, hk = [], h
             for k, mod in enumerate(self.mtp, start=1):
                 emb = self.tok_emb(idx[:, k:])
@@ -484,8 +483,7 @@ class DeepSeekV3(nn.Module):
 
     def use_liger(self):  # Liger's fused linear cross-entropy for the loss (liger-kernel installed, CUDA)
         from liger_kernel.transformers import LigerFusedLinearCrossEntropyLoss
-        # summed, divided here: Liger computes the gradient in its forward, in the autocast dtype; in fp16 a
-        # mean's 1/tokens, applied before the loss scale, flushes most of it to zero
+        # summed, not averaged: in fp16 its in-forward gradient x 1/tokens (before the loss scale) underflows
         flce = LigerFusedLinearCrossEntropyLoss(ignore_index=-1, reduction="sum")
         self.fused_ce = torch.compiler.disable(lambda w, h, t: flce(w, h, t) / (t >= 0).sum())  # (eagerly)
 

@@ -57,15 +57,21 @@ def test_the_compiled_step_is_one_graph_and_never_syncs(impl, dtype):
     assert torch.isfinite(loss)
 
 
-def test_liger_matches_plain_cross_entropy_with_ignored_targets_under_compile():
-    """liger-kernel's fused linear cross-entropy once returned a wrong loss under torch.compile when some
-    targets are ignored (its PR #1338): the compiled model with half its targets -1 (SFT's prompt tokens),
-    Liger against plain cross-entropy, loss and every gradient."""
+def liger_pair():
+    """-> (a 2-layer model, its copy with Liger's cross-entropy)."""
     pytest.importorskip("liger_kernel")
     torch.manual_seed(0)
     ref, lig = DeepSeekV3(ARGS).cuda(), DeepSeekV3(ARGS).cuda()
     lig.load_state_dict(ref.state_dict())
     lig.use_liger()
+    return ref, lig
+
+
+def test_liger_matches_plain_cross_entropy_with_ignored_targets_under_compile():
+    """liger-kernel's fused linear cross-entropy once returned a wrong loss under torch.compile when some
+    targets are ignored (its PR #1338): the compiled model with half its targets -1 (SFT's prompt tokens),
+    Liger against plain cross-entropy, loss and every gradient."""
+    ref, lig = liger_pair()
     idx = torch.randint(0, ARGS.vocab_size, (4, 128), device="cuda")
     tgt = idx.roll(-1, 1).masked_fill(torch.rand(4, 128, device="cuda") < 0.5, -1)
     got = []
@@ -83,11 +89,7 @@ def test_liger_keeps_the_fp16_gradient_under_the_grad_scaler():
     """Liger makes the gradient in its forward, in fp16 under fp16 autocast, before the scaler's scale: as
     a mean (x 1/tokens) most of it flushed to zero. Hidden states sharing a direction, as a trained model's
     do, put ~30% of the head's gradient there; 8,192 tokens (seed A's step: 16,384)."""
-    pytest.importorskip("liger_kernel")
-    torch.manual_seed(0)
-    ref, lig = DeepSeekV3(ARGS).cuda(), DeepSeekV3(ARGS).cuda()
-    lig.load_state_dict(ref.state_dict())
-    lig.use_liger()
+    ref, lig = liger_pair()
     h0 = torch.randn(16, 512, ARGS.n_embd, device="cuda") + torch.randn(ARGS.n_embd, device="cuda")
     tgt = torch.randint(0, ARGS.vocab_size, (16, 512), device="cuda")
     got = []
